@@ -1,0 +1,1488 @@
+"""latexocr: turn an image of a math formula into LaTeX, in JAX/Flax.
+
+A ViT image encoder reads the formula image; a Transformer decoder writes IM2LATEX-style LaTeX
+tokens, greedily with a KV cache inside one jitted loop.
+
+    python latexocr.py predict data/images/1015942522.png
+    python latexocr.py train --config configs/train.yaml --set training.max_minutes=10
+    python latexocr.py eval --config configs/eval.yaml
+    python latexocr.py prepare --root ~/im2latex100k --out my_data --copy-images
+    python latexocr.py vocab --split my_data/train.json --out my_data/vocab.json
+
+Every command runs on the sample set in data/ when given no arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import concurrent.futures
+import csv
+import dataclasses
+import itertools
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from PIL import Image, ImageFilter, UnidentifiedImageError
+
+MODULE_DIR = Path(__file__).resolve().parent
+PAD, SOS, EOS, UNK, CLS, SEP, MASK = "<PAD>", "<SOS>", "<EOS>", "<UNK>", "[CLS]", "[SEP]", "[MASK]"
+SPECIAL_TOKENS = (PAD, SOS, EOS, UNK, CLS, SEP, MASK)
+PAD_ID, SOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+SPLITS = ("train", "validate", "test")
+MAX_IMAGE_PIXELS = 50_000_000
+
+
+class UserError(Exception):
+    """A mistake the user can fix; main() prints it as one line and exits non-zero."""
+
+
+# --- config -----------------------------------------------------------------------------------
+
+MODEL_SIZES = {
+    "tiny": dict(dim=64, encoder_layers=2, decoder_layers=2, heads=2, mlp_dim=128),
+    "small": dict(dim=256, encoder_layers=4, decoder_layers=3, heads=8, mlp_dim=1024),
+    "base": dict(dim=512, encoder_layers=8, decoder_layers=6, heads=8, mlp_dim=2048),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    train_split: str = "data/train.json"
+    validate_split: str = "data/validate.json"
+    test_split: str = "data/test.json"
+    vocab_path: str = "data/vocab.json"
+    image_base_dir: str = "data/images"
+    # Ink (the cropped formula) is scaled so its height lies in this range, keeping aspect ratio.
+    min_ink_height: int = 12
+    max_ink_height: int = 180
+    margin: int = 4
+    bucket_heights: tuple[int, ...] = (32, 64, 128, 192)
+    bucket_widths: tuple[int, ...] = (128, 256, 512, 768)
+    # Token sequences (with <SOS>/<EOS>) are padded to the smallest of these that fits.
+    sequence_buckets: tuple[int, ...] = (48, 96, 160, 256)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    size: str = "small"
+    patch_size: int = 16
+    max_seq_len: int = 256
+    dropout: float = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingConfig:
+    checkpoint_dir: str = "runs/small"
+    batch_size: int = 16
+    grad_accum_steps: int = 1
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 500
+    total_steps: int = 20000
+    max_minutes: float = 0.0
+    grad_clip: float = 1.0
+    label_smoothing: float = 0.1
+    bf16: bool = False
+    augment: bool = True
+    seed: int = 0
+    eval_every: int = 500
+    val_samples: int = 200
+    log_every: int = 20
+    keep_checkpoints: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationConfig:
+    checkpoint_path: str = "data/model"
+    split: str = "test"
+    batch_size: int = 32
+    primary_metric: str = "bleu"
+    generation_method: str = "greedy"
+    output_dir: str = "evaluation_results"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    data: DataConfig = DataConfig()
+    model: ModelSection = ModelSection()
+    training: TrainingConfig = TrainingConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Everything that fixes the network's shape; saved with every checkpoint."""
+
+    vocab_size: int
+    dim: int
+    encoder_layers: int
+    decoder_layers: int
+    heads: int
+    mlp_dim: int
+    patch_size: int
+    max_rows: int
+    max_cols: int
+    max_seq_len: int
+    dropout: float = 0.0
+    dtype: str = "float32"
+
+
+METRIC_DIRECTIONS = {"bleu": "max", "edit_distance": "min", "exact_match": "max", "token_accuracy": "max"}
+
+
+def _convert(value: Any, default: Any, key: str) -> Any:
+    """Coerce a YAML / command-line value to the type of the field's default."""
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            if isinstance(value, bool):
+                return value
+            raise ValueError
+        if isinstance(default, tuple):
+            items = value.strip("[]()").split(",") if isinstance(value, str) else list(value)
+            return tuple(_convert(v, default[0], key) for v in items if str(v).strip() != "")
+        if isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(float(value)) if isinstance(value, str) else int(value)
+        if isinstance(default, float):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise UserError(f"config key {key}: {value!r} is not a valid {type(default).__name__}") from None
+
+
+def apply_overrides(config: Config, overrides: dict[str, dict[str, Any]]) -> Config:
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    replaced = {}
+    for section_name, values in overrides.items():
+        if section_name not in sections:
+            raise UserError(f"unknown config section '{section_name}' (known: {', '.join(sections)})")
+        section = getattr(config, section_name)
+        if not isinstance(values, dict):
+            raise UserError(f"config section '{section_name}' must be a mapping of keys to values")
+        fields = {f.name for f in dataclasses.fields(section)}
+        changes = {}
+        for key, value in values.items():
+            if key not in fields:
+                raise UserError(
+                    f"unknown config key '{section_name}.{key}' (known: {', '.join(sorted(fields))})")
+            changes[key] = _convert(value, getattr(section, key), f"{section_name}.{key}")
+        replaced[section_name] = dataclasses.replace(replaced.get(section_name, section), **changes)
+    return validate_config(dataclasses.replace(config, **replaced))
+
+
+def validate_config(config: Config) -> Config:
+    d, m, t, e = config.data, config.model, config.training, config.evaluation
+    checks = [
+        (m.size in MODEL_SIZES, f"model.size must be one of {', '.join(MODEL_SIZES)}"),
+        (m.patch_size > 0, "model.patch_size must be positive"),
+        (all(h % m.patch_size == 0 for h in d.bucket_heights + d.bucket_widths),
+         "data.bucket_heights and data.bucket_widths must be multiples of model.patch_size"),
+        (len(d.bucket_heights) > 0 and len(d.bucket_widths) > 0, "data buckets must not be empty"),
+        (0 < d.min_ink_height <= d.max_ink_height <= max(d.bucket_heights) - 2 * d.margin,
+         "need 0 < data.min_ink_height <= data.max_ink_height <= largest bucket height - 2*margin"),
+        (len(d.sequence_buckets) > 0 and max(d.sequence_buckets) <= m.max_seq_len,
+         "data.sequence_buckets must be non-empty and at most model.max_seq_len"),
+        (min(d.sequence_buckets, default=0) >= 3, "data.sequence_buckets must be at least 3"),
+        (0.0 <= m.dropout < 1.0, "model.dropout must be in [0, 1)"),
+        (t.batch_size > 0, "training.batch_size must be positive"),
+        (t.grad_accum_steps > 0, "training.grad_accum_steps must be positive"),
+        (t.lr > 0, "training.lr must be positive"),
+        (t.weight_decay >= 0, "training.weight_decay must be >= 0"),
+        (t.warmup_steps >= 0, "training.warmup_steps must be >= 0"),
+        (t.total_steps > t.warmup_steps, "training.total_steps must exceed training.warmup_steps"),
+        (t.max_minutes >= 0, "training.max_minutes must be >= 0 (0 = no time limit)"),
+        (t.grad_clip > 0, "training.grad_clip must be positive"),
+        (0.0 <= t.label_smoothing < 1.0, "training.label_smoothing must be in [0, 1)"),
+        (t.eval_every > 0 and t.log_every > 0, "training.eval_every and log_every must be positive"),
+        (t.val_samples > 0, "training.val_samples must be positive"),
+        (t.keep_checkpoints > 0, "training.keep_checkpoints must be positive"),
+        (e.batch_size > 0, "evaluation.batch_size must be positive"),
+        (e.split in SPLITS, f"evaluation.split must be one of {', '.join(SPLITS)}"),
+        (e.primary_metric in METRIC_DIRECTIONS,
+         f"evaluation.primary_metric must be one of {', '.join(METRIC_DIRECTIONS)}"),
+        (e.generation_method == "greedy", "evaluation.generation_method must be 'greedy'"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    return config
+
+
+def parse_set_options(options: Sequence[str]) -> dict[str, dict[str, Any]]:
+    overrides: dict[str, dict[str, Any]] = collections.defaultdict(dict)
+    for option in options:
+        key, sep, value = option.partition("=")
+        section, dot, field = key.partition(".")
+        if not sep or not dot:
+            raise UserError(f"--set expects section.key=value, got '{option}'")
+        overrides[section][field] = value
+    return dict(overrides)
+
+
+def load_config(path: str | None, set_options: Sequence[str] = ()) -> Config:
+    import yaml
+
+    overrides: dict[str, Any] = {}
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise UserError(f"config file not found: {path}")
+        try:
+            overrides = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise UserError(f"config file {path} is not valid YAML: {error}") from None
+        if not isinstance(overrides, dict):
+            raise UserError(f"config file {path} must hold a mapping of sections")
+    config = apply_overrides(Config(), overrides)
+    return apply_overrides(config, parse_set_options(set_options))
+
+
+def model_config(config: Config, vocab_size: int) -> ModelConfig:
+    section, data = config.model, config.data
+    return ModelConfig(
+        vocab_size=vocab_size, patch_size=section.patch_size, max_seq_len=section.max_seq_len,
+        max_rows=max(data.bucket_heights) // section.patch_size,
+        max_cols=max(data.bucket_widths) // section.patch_size,
+        dropout=section.dropout, dtype="bfloat16" if config.training.bf16 else "float32",
+        **MODEL_SIZES[section.size])
+
+
+def resolve_path(path: str) -> Path:
+    """Relative paths are taken from the current directory, then from the project directory."""
+    candidate = Path(path).expanduser()
+    if candidate.is_absolute() or candidate.exists():
+        return candidate
+    in_project = MODULE_DIR / candidate
+    return in_project if in_project.exists() else candidate
+
+
+# --- vocabulary and tokenizer -----------------------------------------------------------------
+
+# A raw LaTeX string splits into IM2LATEX tokens: environments, \left/\right with their
+# delimiter, control words, control symbols, then single characters.
+LATEX_TOKEN = re.compile(
+    r"\\(?:begin|end)\{[a-zA-Z*]+\}"
+    r"|\\(?:left|right)(?![a-zA-Z])\s*(?:\\[a-zA-Z]+|\\.|[^\s\\])"
+    r"|\\[a-zA-Z]+"
+    r"|\\."
+    r"|\S")
+
+
+class Vocabulary:
+    def __init__(self, tokens: Sequence[str]):
+        if tuple(tokens[: len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
+            raise UserError(f"vocabulary must start with the special tokens {' '.join(SPECIAL_TOKENS)}")
+        if len(set(tokens)) != len(tokens):
+            raise UserError("vocabulary holds a token twice")
+        self.tokens = tuple(tokens)
+        self.ids = {token: i for i, token in enumerate(self.tokens)}
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def encode(self, tokens: Sequence[str]) -> list[int]:
+        return [self.ids.get(token, UNK_ID) for token in tokens]
+
+    def decode(self, ids: Sequence[int]) -> list[str]:
+        """Token strings up to the first <EOS>, without <SOS>/<PAD>."""
+        out = []
+        for i in ids:
+            if i == EOS_ID:
+                break
+            if i not in (PAD_ID, SOS_ID):
+                out.append(self.tokens[i])
+        return out
+
+    def tokenize(self, text: str) -> list[str]:
+        """Whitespace-separated vocabulary tokens are kept whole; anything else is split as LaTeX."""
+        tokens = []
+        for chunk in text.split():
+            tokens.extend([chunk] if chunk in self.ids else LATEX_TOKEN.findall(chunk))
+        return tokens
+
+    def to_json(self) -> dict[str, int]:
+        return dict(self.ids)
+
+
+def detokenize(tokens: Sequence[str]) -> str:
+    return " ".join(tokens)
+
+
+def build_vocabulary(captions: Sequence[Sequence[str]], min_count: int = 1) -> Vocabulary:
+    counts = collections.Counter(token for caption in captions for token in caption)
+    ranked = sorted((t for t, c in counts.items() if c >= min_count and t not in SPECIAL_TOKENS),
+                    key=lambda t: (-counts[t], t))
+    return Vocabulary(SPECIAL_TOKENS + tuple(ranked))
+
+
+def load_vocabulary(path: str | Path) -> Vocabulary:
+    file = resolve_path(str(path))
+    if not file.is_file():
+        raise UserError(f"vocabulary file not found: {path} (build one with `latexocr.py vocab`)")
+    try:
+        mapping = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"vocabulary file {path} is not valid JSON: {error}") from None
+    if not isinstance(mapping, dict) or not all(isinstance(v, int) for v in mapping.values()):
+        raise UserError(f"vocabulary file {path} must map tokens to integer ids")
+    if sorted(mapping.values()) != list(range(len(mapping))):
+        raise UserError(f"vocabulary file {path}: ids must be 0..{len(mapping) - 1} without gaps")
+    return Vocabulary(sorted(mapping, key=mapping.__getitem__))
+
+
+# --- images -----------------------------------------------------------------------------------
+
+def open_image(path: str | Path) -> Image.Image:
+    """Open and fully decode an image, refusing decompression bombs before decoding."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"image not found: {path}")
+    try:
+        with Image.open(path) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise UserError(f"image {path} is {image.width}x{image.height} pixels, over the "
+                                f"{MAX_IMAGE_PIXELS:,} pixel limit; crop or downscale it")
+            image.load()
+            return image.copy()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise UserError(f"cannot read image {path}: {error}") from None
+
+
+def ink_crop(image: Image.Image, name: str = "image") -> np.ndarray:
+    """Ink intensity (0 = paper, 255 = ink) cropped to the ink, as uint8 [height, width].
+
+    Transparent pixels become white paper; a light-on-dark image is inverted, judged by its border.
+    """
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(paper, rgba)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        top = array.max() if array.max() > 0 else 1.0
+        gray = (array / top * 255).astype(np.uint8)
+    else:
+        gray = np.asarray(image.convert("L"), dtype=np.uint8)
+    if gray.size == 0:
+        raise UserError(f"{name} is empty")
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    ink = (gray if np.median(border) < 128 else 255 - gray).astype(np.int16)
+    paper = int(np.median(np.concatenate([ink[0], ink[-1], ink[:, 0], ink[:, -1]])))
+    ink = np.clip(ink - paper, 0, 255).astype(np.uint8)  # tinted paper becomes 0
+    rows, cols = np.nonzero(ink > 50)
+    if rows.size == 0:
+        raise UserError(f"{name} holds no visible formula (blank image)")
+    return ink[rows.min(): rows.max() + 1, cols.min(): cols.max() + 1]
+
+
+def resize_ink(ink: np.ndarray, height: int, width: int) -> np.ndarray:
+    if ink.shape == (height, width):
+        return ink
+    return np.asarray(Image.fromarray(ink).resize((max(width, 1), max(height, 1)), Image.BILINEAR))
+
+
+def scale_into_range(ink: np.ndarray, data: DataConfig) -> np.ndarray:
+    """Scale (aspect kept) so the ink height is within range and the width fits the widest bucket."""
+    height, width = ink.shape
+    scale = 1.0
+    if height < data.min_ink_height:
+        scale = data.min_ink_height / height
+    elif height > data.max_ink_height:
+        scale = data.max_ink_height / height
+    scale = min(scale, (max(data.bucket_widths) - 2 * data.margin) / width)
+    if scale == 1.0:
+        return ink
+    return resize_ink(ink, max(1, round(height * scale)), max(1, round(width * scale)))
+
+
+def choose_bucket(shape: tuple[int, int], data: DataConfig) -> tuple[int, int]:
+    height, width = shape[0] + 2 * data.margin, shape[1] + 2 * data.margin
+    bucket_h = next((h for h in sorted(data.bucket_heights) if h >= height), max(data.bucket_heights))
+    bucket_w = next((w for w in sorted(data.bucket_widths) if w >= width), max(data.bucket_widths))
+    return bucket_h, bucket_w
+
+
+def place_in_bucket(ink: np.ndarray, bucket: tuple[int, int], margin: int) -> np.ndarray:
+    """Paste ink at the top-left (after the margin) of a blank canvas of the bucket's shape, as
+    float32 in [0, 1]; ink that does not fit is shrunk, aspect kept."""
+    bucket_h, bucket_w = bucket
+    room_h, room_w = bucket_h - 2 * margin, bucket_w - 2 * margin
+    height, width = ink.shape
+    if height > room_h or width > room_w:
+        scale = min(room_h / height, room_w / width)
+        ink = resize_ink(ink, max(1, int(height * scale)), max(1, int(width * scale)))
+    canvas = np.zeros(bucket, np.float32)
+    canvas[margin: margin + ink.shape[0], margin: margin + ink.shape[1]] = ink / 255.0
+    return canvas
+
+
+def preprocess_image(image: Image.Image, data: DataConfig, name: str = "image") -> np.ndarray:
+    """The one preprocessing used by train, eval and predict: [bucket_h, bucket_w] float32."""
+    ink = scale_into_range(ink_crop(image, name), data)
+    return place_in_bucket(ink, choose_bucket(ink.shape, data), data.margin)
+
+
+def augment_ink(ink: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Random scale, rotation, shear, blur and contrast on an ink crop (uint8)."""
+    image = Image.fromarray(ink)
+    scale = rng.uniform(0.75, 1.25)
+    image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                         Image.BILINEAR)
+    if rng.random() < 0.5:
+        shear = rng.uniform(-0.15, 0.15)
+        extra = int(abs(shear) * image.height) + 1
+        # PIL maps each output pixel to input (x + shear*y + offset, y); the offset keeps it in view.
+        offset = -shear * image.height if shear > 0 else 0.0
+        image = image.transform((image.width + extra, image.height), Image.AFFINE,
+                                (1, shear, offset, 0, 1, 0), Image.BILINEAR, fillcolor=0)
+    if rng.random() < 0.5:
+        image = image.rotate(rng.uniform(-2.0, 2.0), Image.BILINEAR, expand=True, fillcolor=0)
+    if rng.random() < 0.3:
+        image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.0)))
+    out = np.asarray(image, np.float32)
+    if rng.random() < 0.5:
+        out = out * rng.uniform(0.6, 1.0)
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def add_noise(canvas: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    if rng.random() < 0.3:
+        canvas = np.clip(canvas + rng.normal(0, rng.uniform(0.01, 0.08), canvas.shape), 0, 1)
+    return canvas.astype(np.float32)
+
+
+# --- data -------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Example:
+    name: str
+    image_path: Path
+    caption: list[str]
+    ids: np.ndarray
+
+
+@dataclasses.dataclass
+class SplitReport:
+    path: str
+    loaded: int = 0
+    skipped: dict[str, list[str]] = dataclasses.field(default_factory=lambda: collections.defaultdict(list))
+    unknown_tokens: int = 0
+
+    def summary(self) -> str:
+        parts = [f"{self.path}: {self.loaded} examples"]
+        parts += [f"skipped {len(names)} ({reason})" for reason, names in self.skipped.items()]
+        if self.unknown_tokens:
+            parts.append(f"{self.unknown_tokens} tokens not in the vocabulary (mapped to {UNK})")
+        return ", ".join(parts)
+
+
+def read_split_file(path: str | Path) -> dict[str, Any]:
+    file = resolve_path(str(path))
+    if not file.is_file():
+        raise UserError(f"split file not found: {path}")
+    try:
+        entries = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"split file {path} is not valid JSON: {error}") from None
+    if not isinstance(entries, dict):
+        raise UserError(f"split file {path} must map image names to {{img_path, caption, caption_len}}")
+    return entries
+
+
+def load_split(path: str | Path, data: DataConfig, vocab: Vocabulary) -> tuple[list[Example], SplitReport]:
+    """Examples of one split; entries with problems are skipped and counted by reason."""
+    max_tokens = max(data.sequence_buckets) - 2  # room for <SOS> and <EOS>
+    entries = read_split_file(path)
+    base = resolve_path(data.image_base_dir)
+    report = SplitReport(str(path))
+    examples = []
+    for name, entry in entries.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("img_path"), str) \
+                or not isinstance(entry.get("caption"), str):
+            report.skipped["entry lacks img_path or caption strings"].append(name)
+            continue
+        caption = entry["caption"].split()
+        image_path = base / entry["img_path"]
+        if not caption:
+            report.skipped["empty caption"].append(name)
+        elif len(caption) > max_tokens:
+            report.skipped[f"caption longer than {max_tokens} tokens"].append(name)
+        elif not image_path.is_file():
+            report.skipped["image file missing"].append(name)
+        else:
+            ids = vocab.encode(caption)
+            report.unknown_tokens += sum(i == UNK_ID for i in ids)
+            examples.append(Example(name, image_path, caption, np.array(ids, np.int32)))
+    report.loaded = len(examples)
+    return examples, report
+
+
+def sequence_bucket(length: int, data: DataConfig) -> int:
+    return next(b for b in sorted(data.sequence_buckets) if b >= length)
+
+
+def token_array(ids_list: Sequence[np.ndarray], length: int) -> np.ndarray:
+    """[batch, length] rows of <SOS> ids <EOS> <PAD>..."""
+    out = np.full((len(ids_list), length), PAD_ID, np.int32)
+    for row, ids in enumerate(ids_list):
+        out[row, 0] = SOS_ID
+        out[row, 1: 1 + len(ids)] = ids
+        out[row, 1 + len(ids)] = EOS_ID
+    return out
+
+
+class Dataset:
+    """Examples with their ink crops held in memory (decoded once), grouped into fixed shapes."""
+
+    def __init__(self, examples: list[Example], data: DataConfig, workers: int = 2):
+        self.examples = examples
+        self.data = data
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            self.inks = list(pool.map(self._load_ink, examples))
+        self.keys = [choose_bucket(ink.shape, data) + (sequence_bucket(len(ex.ids) + 2, data),)
+                     for ink, ex in zip(self.inks, examples)]
+
+    def _load_ink(self, example: Example) -> np.ndarray:
+        return scale_into_range(ink_crop(open_image(example.image_path), example.name), self.data)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def groups(self) -> dict[tuple[int, int, int], list[int]]:
+        groups: dict[tuple[int, int, int], list[int]] = collections.defaultdict(list)
+        for index, key in enumerate(self.keys):
+            groups[key].append(index)
+        return dict(sorted(groups.items()))
+
+    def epoch_batches(self, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+        """A shuffled epoch of same-shape batches; a short last batch per shape is filled with
+        random members of its group, so every batch has the full size."""
+        rng = np.random.default_rng([seed, epoch])
+        batches = []
+        for members in self.groups().values():
+            order = rng.permutation(members)
+            for start in range(0, len(order), batch_size):
+                chunk = order[start: start + batch_size]
+                fill = rng.choice(members, batch_size - len(chunk))
+                batches.append(np.concatenate([chunk, fill]).astype(np.int64))
+        return [batches[i] for i in rng.permutation(len(batches))]
+
+    def ordered_batches(self, batch_size: int) -> list[tuple[np.ndarray, int]]:
+        """Every example once, in same-shape batches: (indices padded to batch_size, real count)."""
+        batches = []
+        for members in self.groups().values():
+            for start in range(0, len(members), batch_size):
+                chunk = members[start: start + batch_size]
+                batches.append((np.array(chunk + [chunk[0]] * (batch_size - len(chunk))), len(chunk)))
+        return batches
+
+    def batch(self, indices: np.ndarray, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+        """images [batch, H, W, 1] float32 and tokens [batch, L] int32; augmented when rng is given."""
+        height, width, length = self.keys[indices[0]]
+        images = []
+        for i in indices:
+            ink = self.inks[i] if rng is None else augment_ink(self.inks[i], rng)
+            canvas = place_in_bucket(ink, (height, width), self.data.margin)
+            images.append(canvas if rng is None else add_noise(canvas, rng))
+        tokens = token_array([self.examples[i].ids for i in indices], length)
+        return {"images": np.stack(images)[..., None], "tokens": tokens}
+
+
+class TrainBatches:
+    """The deterministic batch sequence for training: batch k depends only on (seed, k), so a
+    resumed run sees exactly the batches an uninterrupted run would. Built one step ahead in a
+    worker thread so augmentation overlaps the device step."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, augment: bool):
+        self.dataset, self.batch_size, self.seed, self.augment = dataset, batch_size, seed, augment
+        self.per_epoch = len(dataset.epoch_batches(batch_size, seed, 0))
+        self._epoch_cache: tuple[int, list[np.ndarray]] = (-1, [])
+
+    def indices(self, k: int) -> np.ndarray:
+        epoch, position = divmod(k, self.per_epoch)
+        if self._epoch_cache[0] != epoch:
+            self._epoch_cache = (epoch, self.dataset.epoch_batches(self.batch_size, self.seed, epoch))
+        return self._epoch_cache[1][position]
+
+    def make(self, k: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng([self.seed, 1, k]) if self.augment else None
+        return self.dataset.batch(self.indices(k), rng)
+
+    def iterate(self, start: int, pool: concurrent.futures.Executor) -> Iterator[dict[str, np.ndarray]]:
+        future = pool.submit(self.make, start)
+        for k in itertools.count(start + 1):
+            batch = future.result()
+            future = pool.submit(self.make, k)
+            yield batch
+
+
+def read_split_list(path: Path) -> list[tuple[str, int]]:
+    """(image name, formula index) from either split-list layout: harvardnlp's filtered
+    `image.png index` or the raw Zenodo `index image render_type`."""
+    pairs = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) >= 2 and fields[1].lstrip("-").isdigit():
+            name, index = fields[0], int(fields[1])
+        elif fields[0].isdigit() and len(fields) >= 2:
+            name, index = fields[1] if fields[1].endswith(".png") else fields[1] + ".png", int(fields[0])
+        else:
+            raise UserError(f"{path}:{number}: expected `image index` or `index image type`, got {line!r}")
+        pairs.append((name, index))
+    return pairs
+
+
+def find_original_layout(root: Path) -> tuple[Path, dict[str, Path], Path]:
+    formulas = next((root / n for n in ("im2latex_formulas.norm.lst", "formulas.norm.lst")
+                     if (root / n).is_file()), None)
+    if formulas is None:
+        raise UserError(f"{root} holds no im2latex_formulas.norm.lst (or formulas.norm.lst)")
+    lists = {}
+    for split in SPLITS:
+        for name in (f"im2latex_{split}_filter.lst", f"{split}_filter.lst", f"im2latex_{split}.lst"):
+            if (root / name).is_file():
+                lists[split] = root / name
+                break
+    if not lists:
+        raise UserError(f"{root} holds no split lists (im2latex_{{train,validate,test}}_filter.lst)")
+    images = next((root / n for n in ("formula_images_processed", "images_processed", "formula_images")
+                   if (root / n).is_dir()), None)
+    if images is None:
+        raise UserError(f"{root} holds no image folder (formula_images_processed/ or images_processed/)")
+    return formulas, lists, images
+
+
+def pairs_from_original(formulas_path: Path, lists: dict[str, Path]):
+    formulas = formulas_path.read_text(encoding="utf-8", errors="replace").splitlines()
+    for split, list_path in lists.items():
+        for name, index in read_split_list(list_path):
+            formula = formulas[index] if 0 <= index < len(formulas) else None
+            yield split, name, formula
+
+
+def pairs_from_csv(csv_paths: dict[str, Path]):
+    for split, path in csv_paths.items():
+        with path.open(newline="", encoding="utf-8") as file:
+            reader = csv.DictReader(file)
+            if not reader.fieldnames or not {"formula", "image"} <= set(reader.fieldnames):
+                raise UserError(f"{path}: expected a CSV with `formula,image` columns")
+            for row in reader:
+                yield split, row["image"], row["formula"]
+
+
+def prepare(pairs, images: Path, out: Path, copy_images: bool) -> dict[str, dict[str, int]]:
+    """Write `<split>.json` files; every skipped pair is counted and listed in prepare_report.json."""
+    splits: dict[str, dict[str, dict]] = {s: {} for s in SPLITS}
+    skipped: dict[str, dict[str, list[str]]] = {s: collections.defaultdict(list) for s in SPLITS}
+    for split, name, formula in pairs:
+        if formula is None:
+            skipped[split]["formula index out of range"].append(name)
+        elif not formula.split():
+            skipped[split]["empty formula"].append(name)
+        elif not (images / name).is_file():
+            skipped[split]["image missing"].append(name)
+        elif name in splits[split]:
+            skipped[split]["duplicate image name"].append(name)
+        else:
+            tokens = formula.split()
+            splits[split][name] = {"img_path": name, "caption": " ".join(tokens), "caption_len": len(tokens)}
+    out.mkdir(parents=True, exist_ok=True)
+    if copy_images:
+        (out / "images").mkdir(exist_ok=True)
+    report = {}
+    for split in SPLITS:
+        if not splits[split] and not skipped[split]:
+            continue
+        write_json_atomic(out / f"{split}.json", splits[split])
+        if copy_images:
+            for name in splits[split]:
+                shutil.copyfile(images / name, out / "images" / name)
+        report[split] = {"written": len(splits[split]), **{k: len(v) for k, v in skipped[split].items()}}
+    write_json_atomic(out / "prepare_report.json",
+                      {"counts": report, "skipped": {s: dict(v) for s, v in skipped.items() if v}})
+    return report
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(value, indent=1, ensure_ascii=False) + "\n")
+    os.replace(temporary, path)
+
+
+# --- models -----------------------------------------------------------------------------------
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """q [B, Lq, H, D], k/v [B, Lk, H, D], mask broadcastable to [B, H, Lq, Lk] -> [B, Lq, H, D]."""
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+    logits = jnp.where(mask, logits.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+class MultiHeadAttention(nn.Module):
+    cfg: ModelConfig
+
+    def setup(self):
+        heads, head_dim = self.cfg.heads, self.cfg.dim // self.cfg.heads
+        dense = lambda: nn.DenseGeneral((heads, head_dim), dtype=self.cfg.dtype)  # noqa: E731
+        self.query, self.key, self.value = dense(), dense(), dense()
+        self.out = nn.DenseGeneral(self.cfg.dim, axis=(-2, -1), dtype=self.cfg.dtype)
+
+    def keys_values(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return self.key(x), self.value(x)
+
+    def __call__(self, x: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+        return self.out(attention(self.query(x), k, v, mask))
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        x = nn.gelu(nn.Dense(self.cfg.mlp_dim, dtype=self.cfg.dtype)(x))
+        x = nn.Dropout(self.cfg.dropout)(x, deterministic=deterministic)
+        return nn.Dense(self.cfg.dim, dtype=self.cfg.dtype)(x)
+
+
+class EncoderBlock(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        attend = MultiHeadAttention(self.cfg)
+        h = nn.LayerNorm(dtype=self.cfg.dtype)(x)
+        h = attend(h, *attend.keys_values(h), mask=jnp.ones((), bool))
+        x = x + nn.Dropout(self.cfg.dropout)(h, deterministic=deterministic)
+        h = MLP(self.cfg)(nn.LayerNorm(dtype=self.cfg.dtype)(x), deterministic)
+        return x + nn.Dropout(self.cfg.dropout)(h, deterministic=deterministic)
+
+
+class Encoder(nn.Module):
+    """ViT: patch embedding, learned row + column position embedding, pre-LN blocks."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, images: jax.Array, deterministic: bool) -> jax.Array:
+        cfg = self.cfg
+        p = cfg.patch_size
+        x = nn.Conv(cfg.dim, (p, p), strides=(p, p), padding="VALID", dtype=cfg.dtype,
+                    name="patch_embed")(images.astype(cfg.dtype))  # [B, rows, cols, D]
+        rows, cols = x.shape[1], x.shape[2]
+        init = nn.initializers.normal(0.02)
+        row_embed = self.param("row_embed", init, (cfg.max_rows, cfg.dim))
+        col_embed = self.param("col_embed", init, (cfg.max_cols, cfg.dim))
+        x = x + (row_embed[:rows, None, :] + col_embed[None, :cols, :]).astype(cfg.dtype)
+        x = x.reshape(x.shape[0], rows * cols, cfg.dim)
+        x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+        for i in range(cfg.encoder_layers):
+            x = EncoderBlock(cfg, name=f"block_{i}")(x, deterministic)
+        return nn.LayerNorm(dtype=cfg.dtype, name="norm")(x)
+
+
+class DecoderBlock(nn.Module):
+    """Pre-LN: causal self-attention, cross-attention to the image, MLP."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.norm_self, self.norm_cross, self.norm_mlp = (nn.LayerNorm(dtype=cfg.dtype) for _ in range(3))
+        self.self_attention = MultiHeadAttention(cfg)
+        self.cross_attention = MultiHeadAttention(cfg)
+        self.mlp = MLP(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def cross_keys_values(self, memory: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return self.cross_attention.keys_values(memory)
+
+    def __call__(self, x, cross_kv, self_kv, self_mask, deterministic):
+        """self_kv: keys/values to attend over; None means this x's own (full sequence)."""
+        h = self.norm_self(x)
+        k, v = self.self_attention.keys_values(h) if self_kv is None else self_kv(h)
+        x = x + self.dropout(self.self_attention(h, k, v, self_mask), deterministic=deterministic)
+        h = self.cross_attention(self.norm_cross(x), *cross_kv, mask=jnp.ones((), bool))
+        x = x + self.dropout(h, deterministic=deterministic)
+        return x + self.dropout(self.mlp(self.norm_mlp(x), deterministic), deterministic=deterministic)
+
+
+class LatexOCR(nn.Module):
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.encoder = Encoder(cfg)
+        self.token_embed = nn.Embed(cfg.vocab_size, cfg.dim, embedding_init=nn.initializers.normal(0.02))
+        self.position_embed = self.param("position_embed", nn.initializers.normal(0.02),
+                                         (cfg.max_seq_len, cfg.dim))
+        self.blocks = [DecoderBlock(cfg) for _ in range(cfg.decoder_layers)]
+        self.norm = nn.LayerNorm(dtype=cfg.dtype)
+        self.head = nn.Dense(cfg.vocab_size, dtype=cfg.dtype)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def __call__(self, images: jax.Array, tokens: jax.Array, deterministic: bool = True) -> jax.Array:
+        """Teacher-forced logits [B, L, vocab] for input tokens [B, L]."""
+        memory = self.encode(images, deterministic)
+        return self.decode(tokens, self.cross_keys_values(memory), deterministic)
+
+    def encode(self, images: jax.Array, deterministic: bool = True) -> jax.Array:
+        return self.encoder(images, deterministic)
+
+    def cross_keys_values(self, memory: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
+        """Per decoder layer, the image's keys and values: computed once per decoded image."""
+        return [block.cross_keys_values(memory) for block in self.blocks]
+
+    def _embed(self, tokens: jax.Array, positions: jax.Array, deterministic: bool) -> jax.Array:
+        x = self.token_embed(tokens) + self.position_embed[positions]
+        return self.dropout(x.astype(self.cfg.dtype), deterministic=deterministic)
+
+    def _logits(self, x: jax.Array) -> jax.Array:
+        return self.head(self.norm(x)).astype(jnp.float32)
+
+    def decode(self, tokens, cross_kv, deterministic: bool = True) -> jax.Array:
+        length = tokens.shape[1]
+        x = self._embed(tokens, jnp.arange(length), deterministic)
+        causal = jnp.tril(jnp.ones((length, length), bool))
+        for block, kv in zip(self.blocks, cross_kv):
+            x = block(x, kv, None, causal, deterministic)
+        return self._logits(x)
+
+    def decode_step(self, token: jax.Array, position: jax.Array, cache: list[dict[str, jax.Array]],
+                    cross_kv) -> tuple[jax.Array, list[dict[str, jax.Array]]]:
+        """One cached step: token [B] at position -> logits [B, vocab], updated cache."""
+        x = self._embed(token[:, None], position[None], True)
+        visible = jnp.arange(self.cfg.max_seq_len) <= position  # [max_seq_len]
+        new_cache = []
+        for block, kv, layer in zip(self.blocks, cross_kv, cache):
+            def extend(h, block=block, layer=layer):
+                k, v = block.self_attention.keys_values(h)  # [B, 1, H, D]
+                layer_k = jax.lax.dynamic_update_slice_in_dim(layer["k"], k.astype(layer["k"].dtype), position, 1)
+                layer_v = jax.lax.dynamic_update_slice_in_dim(layer["v"], v.astype(layer["v"].dtype), position, 1)
+                new_cache.append({"k": layer_k, "v": layer_v})
+                return layer_k, layer_v
+            x = block(x, kv, extend, visible, True)
+        return self._logits(x)[:, 0], new_cache
+
+
+def init_cache(cfg: ModelConfig, batch: int) -> list[dict[str, jax.Array]]:
+    shape = (batch, cfg.max_seq_len, cfg.heads, cfg.dim // cfg.heads)
+    return [{"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
+            for _ in range(cfg.decoder_layers)]
+
+
+def init_params(model: LatexOCR, seed: int) -> Any:
+    data_shape = (1, model.cfg.patch_size, model.cfg.patch_size, 1)
+    return model.init(jax.random.PRNGKey(seed), jnp.zeros(data_shape), jnp.zeros((1, 2), jnp.int32))["params"]
+
+
+def count_params(params: Any) -> int:
+    return sum(x.size for x in jax.tree.leaves(params))
+
+
+# --- decoding ---------------------------------------------------------------------------------
+
+def greedy_decode(model: LatexOCR, params: Any, images: jax.Array) -> jax.Array:
+    """Greedy decoding with the KV cache in one while_loop that stops when every row has
+    emitted <EOS>. images [B, H, W, 1] -> tokens [B, max_seq_len] (<SOS> first, <PAD> after <EOS>)."""
+    cfg = model.cfg
+    batch = images.shape[0]
+    variables = {"params": params}
+    memory = model.apply(variables, images, method=LatexOCR.encode)
+    cross_kv = model.apply(variables, memory, method=LatexOCR.cross_keys_values)
+    tokens = jnp.full((batch, cfg.max_seq_len), PAD_ID, jnp.int32).at[:, 0].set(SOS_ID)
+
+    def keep_going(state):
+        position, _, _, done = state
+        return (position < cfg.max_seq_len - 1) & ~jnp.all(done)
+
+    def step(state):
+        position, tokens, cache, done = state
+        logits, cache = model.apply(variables, tokens[:, position], position, cache, cross_kv,
+                                    method=LatexOCR.decode_step)
+        next_token = jnp.where(done, PAD_ID, jnp.argmax(logits, -1).astype(jnp.int32))
+        tokens = tokens.at[:, position + 1].set(next_token)
+        return position + 1, tokens, cache, done | (next_token == EOS_ID)
+
+    state = (jnp.int32(0), tokens, init_cache(cfg, batch), jnp.zeros(batch, bool))
+    return jax.lax.while_loop(keep_going, step, state)[1]
+
+
+class Predictor:
+    """A model with its parameters and vocabulary, and its jitted decoder (compiled once per
+    image bucket shape)."""
+
+    def __init__(self, model: LatexOCR, params: Any, vocab: Vocabulary, data: DataConfig):
+        self.model, self.params, self.vocab, self.data = model, params, vocab, data
+        self._greedy = jax.jit(lambda p, images: greedy_decode(model, p, images))
+
+    def decode_batch(self, images: np.ndarray) -> list[list[str]]:
+        ids = np.asarray(self._greedy(self.params, jnp.asarray(images)))
+        return [self.vocab.decode(row) for row in ids]
+
+    def predict_images(self, canvases: Sequence[np.ndarray], batch_size: int = 16) -> list[list[str]]:
+        """Decode preprocessed canvases of any bucket shapes, batching same-shape ones."""
+        results: list[list[str]] = [[] for _ in canvases]
+        by_shape: dict[tuple[int, int], list[int]] = collections.defaultdict(list)
+        for i, canvas in enumerate(canvases):
+            by_shape[canvas.shape].append(i)
+        for members in by_shape.values():
+            for start in range(0, len(members), batch_size):
+                chunk = members[start: start + batch_size]
+                for i, tokens in zip(chunk, self.decode_batch(np.stack([canvases[i] for i in chunk])[..., None])):
+                    results[i] = tokens
+        return results
+
+    def decode_dataset(self, dataset: Dataset, batch_size: int, progress: bool = False) -> list[list[str]]:
+        from tqdm import tqdm
+
+        hypotheses: list[list[str]] = [[] for _ in range(len(dataset))]
+        batches = dataset.ordered_batches(batch_size)
+        for indices, count in tqdm(batches, desc="decoding", disable=not progress, leave=False):
+            decoded = self.decode_batch(dataset.batch(indices)["images"])
+            for i, tokens in zip(indices[:count], decoded[:count]):
+                hypotheses[i] = tokens
+        return hypotheses
+
+
+# --- metrics ----------------------------------------------------------------------------------
+
+def bleu4(references: Sequence[Sequence[str]], hypotheses: Sequence[Sequence[str]]) -> float:
+    """Corpus BLEU-4 (nltk, uniform weights, no smoothing), x100."""
+    from nltk.translate.bleu_score import corpus_bleu
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return 100.0 * corpus_bleu([[list(r)] for r in references], [list(h) for h in hypotheses])
+
+
+def edit_distance(references, hypotheses) -> float:
+    """Mean over the set of token Levenshtein distance / max(len ref, len hyp), x100 (lower is better)."""
+    import Levenshtein
+
+    scores = [Levenshtein.distance(list(r), list(h)) / max(len(r), len(h), 1)
+              for r, h in zip(references, hypotheses)]
+    return 100.0 * float(np.mean(scores)) if scores else 0.0
+
+
+def exact_match(references, hypotheses) -> float:
+    matches = [list(r) == list(h) for r, h in zip(references, hypotheses)]
+    return 100.0 * float(np.mean(matches)) if matches else 0.0
+
+
+def token_accuracy(references, hypotheses) -> float:
+    """The original project's per-token accuracy: position-wise matched tokens over
+    min(len ref, len hyp), both summed over the set, x100."""
+    matched = sum(sum(a == b for a, b in zip(r, h)) for r, h in zip(references, hypotheses))
+    total = sum(min(len(r), len(h)) for r, h in zip(references, hypotheses))
+    return 100.0 * matched / total if total else 0.0
+
+
+def compute_metrics(references, hypotheses) -> dict[str, float]:
+    return {"bleu": bleu4(references, hypotheses), "edit_distance": edit_distance(references, hypotheses),
+            "exact_match": exact_match(references, hypotheses),
+            "token_accuracy": token_accuracy(references, hypotheses)}
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    names = {"bleu": "BLEU-4", "edit_distance": "edit distance", "exact_match": "exact match %",
+             "token_accuracy": "token accuracy %"}
+    return "\n".join(f"{names[k]:<18}{metrics[k]:8.2f}" for k in names if k in metrics)
+
+
+# --- losses and steps -------------------------------------------------------------------------
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothing: float) -> tuple[jax.Array, jax.Array]:
+    """Mean label-smoothed cross-entropy over non-<PAD> targets, and the count of those targets."""
+    vocab_size = logits.shape[-1]
+    labels = optax.smooth_labels(jax.nn.one_hot(targets, vocab_size), label_smoothing)
+    losses = optax.softmax_cross_entropy(logits, labels)
+    weights = (targets != PAD_ID).astype(jnp.float32)
+    count = jnp.maximum(weights.sum(), 1.0)
+    return (losses * weights).sum() / count, count
+
+
+def lr_schedule(training: TrainingConfig) -> optax.Schedule:
+    """Linear warmup to training.lr, cosine decay to 1 % of it at total_steps (optimizer updates)."""
+    return optax.warmup_cosine_decay_schedule(
+        0.0, training.lr, training.warmup_steps, training.total_steps, end_value=training.lr * 0.01)
+
+
+def make_optimizer(training: TrainingConfig) -> optax.GradientTransformation:
+    optimizer = optax.chain(optax.clip_by_global_norm(training.grad_clip),
+                            optax.adamw(lr_schedule(training), weight_decay=training.weight_decay))
+    if training.grad_accum_steps > 1:
+        optimizer = optax.MultiSteps(optimizer, every_k_schedule=training.grad_accum_steps)
+    return optimizer
+
+
+def make_train_step(model: LatexOCR, optimizer: optax.GradientTransformation, label_smoothing: float):
+    """Jitted (params, opt_state, batch, key) -> (params, opt_state, metrics); buffers donated."""
+
+    def train_step(params, opt_state, batch, key):
+        tokens = batch["tokens"]
+
+        def loss_fn(p):
+            logits = model.apply({"params": p}, batch["images"], tokens[:, :-1], deterministic=False,
+                                 rngs={"dropout": key})
+            loss, count = cross_entropy(logits, tokens[:, 1:], label_smoothing)
+            return loss, count
+
+        (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, {"loss": loss, "tokens": count, "grad_norm": optax.tree.norm(grads)}
+
+    return jax.jit(train_step, donate_argnums=(0, 1))
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+
+def checkpoint_manager(directory: Path, keep: int):
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep)
+    return ocp.CheckpointManager(directory.resolve(), options=options)
+
+
+def checkpoint_metadata(cfg: ModelConfig, vocab: Vocabulary, data: DataConfig, extra: dict) -> dict:
+    return {"model": dataclasses.asdict(cfg), "vocab": list(vocab.tokens),
+            "data": dataclasses.asdict(data), **extra}
+
+
+def save_checkpoint(manager, step: int, params: Any, metadata: dict, opt_state: Any = None) -> None:
+    """Orbax writes into a temporary directory and renames it when complete, so an interrupted
+    save never replaces the previous checkpoint."""
+    import orbax.checkpoint as ocp
+
+    items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(metadata)}
+    if opt_state is not None:
+        items["opt_state"] = ocp.args.StandardSave(opt_state)
+    manager.save(step, args=ocp.args.Composite(**items))
+
+
+def checkpoint_steps(directory: Path) -> list[int]:
+    """Completed steps only: orbax renames a step's temporary folder to its number when done."""
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and (p / "params").is_dir())
+
+
+def to_storage(params: Any) -> Any:
+    """float16 copy for the best checkpoint, which only serves inference (half the size on disk);
+    restoring into a float32 target casts back."""
+    return jax.tree.map(lambda x: x.astype(jnp.float16) if x.dtype == jnp.float32 else x, params)
+
+
+def find_checkpoint_dir(path: str) -> Path:
+    """A run directory holds `best/`; a checkpoint directory holds numbered steps."""
+    root = resolve_path(path)
+    if not root.is_dir():
+        raise UserError(f"checkpoint not found: {path} (train one with `latexocr.py train`)")
+    candidate = root / "best" if (root / "best").is_dir() else root
+    if not checkpoint_steps(candidate):
+        raise UserError(f"no checkpoint steps in {candidate} (is this a training run directory?)")
+    return candidate
+
+
+def read_metadata(directory: Path, step: int) -> dict:
+    file = directory / str(step) / "meta" / "metadata"
+    try:
+        return json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise UserError(f"checkpoint {directory / str(step)} has no readable metadata: {error}") from None
+
+
+def model_config_from_metadata(metadata: dict, where: Path) -> ModelConfig:
+    try:
+        return ModelConfig(**{**metadata["model"], "dtype": "float32"})
+    except (KeyError, TypeError) as error:
+        raise UserError(f"checkpoint {where} has a malformed model config: {error}") from None
+
+
+def restore_items(directory: Path, step: int, items: dict[str, Any]) -> dict[str, Any]:
+    import orbax.checkpoint as ocp
+
+    where = directory / str(step)
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        return {name: checkpointer.restore((where / name).resolve(), target) for name, target in items.items()}
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as error:
+        raise UserError(f"checkpoint {where} does not match this model: "
+                        f"{str(error).splitlines()[0][:300]}") from None
+    finally:
+        checkpointer.close()
+
+
+def abstract(tree: Any) -> Any:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+def load_predictor(path: str) -> Predictor:
+    """Rebuild model, parameters, vocabulary and image settings from a checkpoint alone (its
+    best step)."""
+    directory = find_checkpoint_dir(path)
+    step = checkpoint_steps(directory)[-1]
+    metadata = read_metadata(directory, step)
+    cfg = model_config_from_metadata(metadata, directory)
+    vocab = Vocabulary(metadata["vocab"])
+    data = DataConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in metadata["data"].items()})
+    model = LatexOCR(cfg)
+    target = abstract(jax.eval_shape(lambda: init_params(model, 0)))
+    params = restore_items(directory, step, {"params": target})["params"]
+    return Predictor(model, params, vocab, data)
+
+
+def check_compatible(metadata: dict, cfg: ModelConfig, vocab: Vocabulary, where: Path) -> None:
+    saved = model_config_from_metadata(metadata, where)
+    differences = [f"{f}: checkpoint {getattr(saved, f)} vs config {getattr(cfg, f)}"
+                   for f in (f.name for f in dataclasses.fields(ModelConfig))
+                   if f != "dtype" and getattr(saved, f) != getattr(cfg, f)]
+    if differences:
+        raise UserError(f"checkpoint {where} was made with another model config ({'; '.join(differences)})")
+    if list(metadata["vocab"]) != list(vocab.tokens):
+        raise UserError(f"checkpoint {where} was made with another vocabulary "
+                        f"({len(metadata['vocab'])} tokens vs {len(vocab)} in the configured vocab.json)")
+
+
+# --- training loop ----------------------------------------------------------------------------
+
+class RunLog:
+    """Appends one JSON object per event to the run's log file and mirrors a line to the console."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def write(self, event: str, console: bool = True, **values: Any) -> None:
+        record = {"time": round(time.time(), 3), "event": event, **values}
+        with self.path.open("a") as file:
+            file.write(json.dumps(record) + "\n")
+        if console:
+            shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+            print(f"[{event}] {shown}", file=sys.stderr)
+
+
+def is_better(metric: str, new: float, old: float | None) -> bool:
+    if old is None:
+        return True
+    return new > old if METRIC_DIRECTIONS[metric] == "max" else new < old
+
+
+def evaluate_dataset(predictor: Predictor, dataset: Dataset, batch_size: int, progress: bool = False):
+    hypotheses = predictor.decode_dataset(dataset, batch_size, progress)
+    references = [example.caption for example in dataset.examples]
+    return compute_metrics(references, hypotheses), hypotheses
+
+
+def train(config: Config, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train from config; returns the final summary. Checkpoints: `<dir>/<step>` (latest, with
+    optimizer state) and `<dir>/best/<step>` (parameters only, best validation metric)."""
+    from tqdm import tqdm
+
+    training, data = config.training, config.data
+    vocab = load_vocabulary(data.vocab_path)
+    cfg = model_config(config, len(vocab))
+    run_dir = Path(training.checkpoint_dir).expanduser()
+    has_steps = run_dir.is_dir() and any(p.name.isdigit() for p in run_dir.iterdir())
+    if has_steps and not resume:
+        raise UserError(f"{run_dir} already holds a training run; pass --resume to continue it "
+                        "or choose another training.checkpoint_dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = RunLog(run_dir / "train.log")
+
+    train_examples, train_report = load_split(data.train_split, data, vocab)
+    val_examples, val_report = load_split(data.validate_split, data, vocab)
+    for report in (train_report, val_report):
+        log.write("data", summary=report.summary())
+    if not train_examples:
+        raise UserError(f"no usable training examples in {data.train_split}")
+    train_set = Dataset(train_examples, data)
+    val_set = Dataset(val_examples[: training.val_samples], data) if val_examples else None
+
+    model = LatexOCR(cfg)
+    optimizer = make_optimizer(training)
+    params = init_params(model, training.seed)
+    opt_state = optimizer.init(params)
+    manager = checkpoint_manager(run_dir, training.keep_checkpoints)
+    best_manager = checkpoint_manager(run_dir / "best", 1)
+    step, best = 0, None
+    if resume and manager.latest_step() is not None:
+        step = manager.latest_step()
+        metadata = read_metadata(run_dir, step)
+        check_compatible(metadata, cfg, vocab, run_dir / str(step))
+        restored = restore_items(run_dir, step, {"params": abstract(params), "opt_state": abstract(opt_state)})
+        params, opt_state = restored["params"], restored["opt_state"]
+        best = metadata.get("best_metric")
+        log.write("resume", step=step)
+    log.write("start", params=count_params(params), model=config.model.size, batch_size=training.batch_size,
+              accum=training.grad_accum_steps, train_examples=len(train_set))
+
+    train_step = make_train_step(model, optimizer, training.label_smoothing)
+    schedule = lr_schedule(training)
+    batches = TrainBatches(train_set, training.batch_size, training.seed, training.augment)
+    predictor = Predictor(LatexOCR(dataclasses.replace(cfg, dtype="float32")), params, vocab, data)
+    base_key = jax.random.PRNGKey(training.seed)
+    total_micro_steps = training.total_steps * training.grad_accum_steps
+    deadline = time.monotonic() + training.max_minutes * 60 if training.max_minutes else math.inf
+    metrics_sum, samples, window_start = collections.defaultdict(float), 0, time.monotonic()
+    last_metrics: dict[str, float] = {}
+
+    def save(step: int) -> None:
+        extra = {"step": step, "best_metric": best, "config": dataclasses.asdict(config)}
+        save_checkpoint(manager, step, params, checkpoint_metadata(cfg, vocab, data, extra), opt_state)
+
+    def validate(step: int) -> None:
+        nonlocal best, last_metrics
+        if val_set is None:
+            return
+        predictor.params = params
+        last_metrics, _ = evaluate_dataset(predictor, val_set, config.evaluation.batch_size)
+        metric = config.evaluation.primary_metric
+        log.write("validate", step=step, **{k: round(v, 3) for k, v in last_metrics.items()})
+        if is_better(metric, last_metrics[metric], best):
+            best = last_metrics[metric]
+            extra = {"step": step, "metrics": last_metrics, "config": dataclasses.asdict(config)}
+            save_checkpoint(best_manager, step, to_storage(params), checkpoint_metadata(cfg, vocab, data, extra))
+
+    bar = tqdm(total=total_micro_steps, initial=step, disable=not progress, dynamic_ncols=True)
+    prefetch = concurrent.futures.ThreadPoolExecutor(1)
+    stream = batches.iterate(step, prefetch)
+    try:
+        while step < total_micro_steps and time.monotonic() < deadline:
+            batch = next(stream)
+            params, opt_state, metrics = train_step(params, opt_state, batch, jax.random.fold_in(base_key, step))
+            step += 1
+            samples += training.batch_size
+            for key, value in metrics.items():
+                metrics_sum[key] += float(value)
+            if not math.isfinite(float(metrics["loss"])):
+                raise UserError(f"training diverged at step {step} (loss {float(metrics['loss'])}); "
+                                f"the last checkpoint in {run_dir} is intact; lower training.lr and --resume")
+            bar.update(1)
+            if step % training.log_every == 0:
+                elapsed = time.monotonic() - window_start
+                update = step // training.grad_accum_steps
+                values = {k: v / training.log_every for k, v in metrics_sum.items()}
+                rate = samples / elapsed
+                bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{float(schedule(update)):.2e}",
+                                samples_s=f"{rate:.1f}")
+                log.write("train", console=False, step=step, loss=values["loss"], grad_norm=values["grad_norm"],
+                          lr=float(schedule(update)), samples_per_s=rate)
+                metrics_sum, samples, window_start = collections.defaultdict(float), 0, time.monotonic()
+            if step % training.eval_every == 0:
+                validate(step)
+                save(step)
+    except KeyboardInterrupt:
+        manager.wait_until_finished()
+        log.write("interrupted", step=step)
+        raise
+    finally:
+        bar.close()
+        stream.close()
+        prefetch.shutdown(cancel_futures=True)
+    if step % training.eval_every:
+        validate(step)
+        save(step)
+    manager.wait_until_finished()
+    best_manager.wait_until_finished()
+    manager.close()
+    best_manager.close()
+    summary = {"step": step, "best_metric": best, "metrics": last_metrics, "checkpoint_dir": str(run_dir)}
+    log.write("done", **{k: v for k, v in summary.items() if k != "metrics"})
+    return summary
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+def enable_compilation_cache() -> None:
+    """Persist compiled programs so a new process does not recompile the same shapes."""
+    directory = os.environ.get("LATEXOCR_CACHE_DIR", str(Path.home() / ".cache" / "latexocr" / "jax"))
+    if directory:
+        jax.config.update("jax_compilation_cache_dir", directory)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def command_prepare(args, config: Config) -> int:
+    out = Path(args.out)
+    if args.csv:
+        csv_paths = {}
+        for item in args.csv:
+            split, sep, path = item.partition("=")
+            if not sep or split not in SPLITS:
+                raise UserError(f"--csv expects split=path with split in {', '.join(SPLITS)}, got {item!r}")
+            if not Path(path).is_file():
+                raise UserError(f"CSV file not found: {path}")
+            csv_paths[split] = Path(path)
+        if not args.images:
+            raise UserError("--csv needs --images, the folder holding the images")
+        pairs, images = pairs_from_csv(csv_paths), Path(args.images)
+    else:
+        if not args.root:
+            raise UserError("give --root (original IM2LATEX-100K layout) or --csv split=file.csv")
+        root = Path(args.root)
+        if not root.is_dir():
+            raise UserError(f"folder not found: {root}")
+        formulas, lists, images = find_original_layout(root)
+        if args.images:
+            images = Path(args.images)
+        pairs = pairs_from_original(formulas, lists)
+    if not images.is_dir():
+        raise UserError(f"image folder not found: {images}")
+    report = prepare(pairs, images, out, args.copy_images)
+    for split, counts in report.items():
+        print(f"{split}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    base = out / "images" if args.copy_images else images
+    print(f"wrote {out}/<split>.json; set data.image_base_dir={base} (details: {out}/prepare_report.json)")
+    return 0
+
+
+def command_vocab(args, config: Config) -> int:
+    if args.min_count < 1:
+        raise UserError("--min-count must be at least 1")
+    split = args.split or config.data.train_split
+    entries = read_split_file(split)
+    captions = [e["caption"].split() for e in entries.values() if isinstance(e, dict) and isinstance(e.get("caption"), str)]
+    vocab = build_vocabulary(captions, args.min_count)
+    out = Path(args.out or config.data.vocab_path)
+    write_json_atomic(out, vocab.to_json())
+    print(f"wrote {out}: {len(vocab)} tokens ({len(SPECIAL_TOKENS)} special) from {len(captions)} captions")
+    return 0
+
+
+def command_train(args, config: Config) -> int:
+    summary = train(config, resume=args.resume, progress=not args.quiet)
+    print(json.dumps(summary))
+    return 0
+
+
+def command_eval(args, config: Config) -> int:
+    evaluation = config.evaluation
+    predictor = load_predictor(args.checkpoint or evaluation.checkpoint_path)
+    split_path = getattr(config.data, f"{evaluation.split}_split")
+    # Split paths come from the config; image preprocessing from the checkpoint it was trained with.
+    paths = dataclasses.replace(predictor.data, image_base_dir=config.data.image_base_dir)
+    examples, report = load_split(split_path, paths, predictor.vocab)
+    print(report.summary(), file=sys.stderr)
+    if not examples:
+        raise UserError(f"no usable examples in {split_path}")
+    dataset = Dataset(examples, predictor.data)
+    start = time.perf_counter()
+    metrics, hypotheses = evaluate_dataset(predictor, dataset, evaluation.batch_size, progress=not args.quiet)
+    seconds = time.perf_counter() - start
+    table = format_metrics(metrics)
+    header = f"{split_path}: {len(examples)} images, {evaluation.generation_method}, {seconds:.1f} s"
+    print(header + "\n" + table)
+    out = Path(evaluation.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "evaluate.log").open("a") as file:
+        file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {header}\n{table}\n\n")
+    predictions = [{"name": ex.name, "reference": detokenize(ex.caption), "prediction": detokenize(hyp),
+                    "exact": ex.caption == hyp} for ex, hyp in zip(examples, hypotheses)]
+    write_json_atomic(out / "predictions.json", {"metrics": metrics, "predictions": predictions})
+    return 0
+
+
+def command_predict(args, config: Config) -> int:
+    start = time.perf_counter()
+    predictor = load_predictor(args.checkpoint or config.evaluation.checkpoint_path)
+    load_seconds = time.perf_counter() - start
+    canvases, names, failures = [], [], 0
+    for path in args.images:
+        try:
+            canvases.append(preprocess_image(open_image(path), predictor.data, str(path)))
+            names.append(path)
+        except UserError as error:
+            print(f"latexocr: error: {error}", file=sys.stderr)
+            failures += 1
+    decode_start = time.perf_counter()
+    results = predictor.predict_images(canvases)
+    decode_seconds = time.perf_counter() - decode_start
+    if args.json:
+        print(json.dumps({"load_seconds": round(load_seconds, 3), "decode_seconds": round(decode_seconds, 3),
+                          "predictions": [{"image": n, "latex": detokenize(t), "tokens": t}
+                                          for n, t in zip(names, results)]}, ensure_ascii=False))
+    else:
+        for tokens in results:
+            print(detokenize(tokens))
+    return 1 if failures else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="latexocr.py", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help_text: str, config_default: str | None = None):
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--config", default=config_default, help="YAML config (defaults apply to keys it omits)")
+        sub.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                         help="override one config value, e.g. --set training.lr=3e-4 (repeatable)")
+        return sub
+
+    sub = add("prepare", "convert IM2LATEX-100K (original layout or formula,image CSV) to split JSON files")
+    sub.add_argument("--root", help="folder with im2latex_formulas.norm.lst, split lists and an image folder")
+    sub.add_argument("--csv", action="append", default=[], metavar="SPLIT=FILE",
+                     help="a formula,image CSV for one split (repeatable)")
+    sub.add_argument("--images", help="image folder (overrides the one found under --root)")
+    sub.add_argument("--out", required=True, help="output folder for train/validate/test.json")
+    sub.add_argument("--copy-images", action="store_true", help="copy the images into OUT/images")
+    sub.set_defaults(run=command_prepare)
+
+    sub = add("vocab", "build vocab.json from a train split")
+    sub.add_argument("--split", help="split JSON (default: data.train_split)")
+    sub.add_argument("--out", help="output vocab.json (default: data.vocab_path)")
+    sub.add_argument("--min-count", type=int, default=1, help="drop tokens seen fewer times (default 1)")
+    sub.set_defaults(run=command_vocab)
+
+    sub = add("train", "train the OCR model with cross-entropy")
+    sub.add_argument("--resume", action="store_true", help="continue the run in training.checkpoint_dir")
+    sub.add_argument("--quiet", action="store_true", help="no progress bar")
+    sub.set_defaults(run=command_train)
+
+    sub = add("eval", "evaluate a checkpoint on a split: BLEU-4, edit distance, exact match, token accuracy")
+    sub.add_argument("--checkpoint", help="run or checkpoint directory (default: evaluation.checkpoint_path)")
+    sub.add_argument("--quiet", action="store_true", help="no progress bar")
+    sub.set_defaults(run=command_eval)
+
+    sub = add("predict", "print the LaTeX of each image")
+    sub.add_argument("images", nargs="+", help="image files")
+    sub.add_argument("--checkpoint", help="run or checkpoint directory (default: evaluation.checkpoint_path)")
+    sub.add_argument("--json", action="store_true", help="machine-readable output with timings")
+    sub.set_defaults(run=command_predict)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config, args.set)
+        enable_compilation_cache()
+        return args.run(args, config)
+    except UserError as error:
+        print(f"latexocr: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("latexocr: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,529 @@
+"""Tests for latexocr.py: run with `python -m pytest -q test_latexocr.py`."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+os.environ.setdefault("LATEXOCR_CACHE_DIR", "")  # tests compile with optimizations off; do not cache those
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+import latexocr as L
+
+jax.config.update("jax_disable_most_optimizations", True)
+
+ROOT = Path(__file__).resolve().parent
+DATA = ROOT / "data"
+SHARED = ROOT.parent / "shared" / "data" / "im2latex100k"
+OVERFIT_STEPS = 300
+
+
+def tiny_overrides(run_dir, split, **training):
+    return {
+        "data": {"train_split": str(split), "validate_split": str(split), "image_base_dir": str(DATA / "images")},
+        "model": {"size": "tiny", "dropout": 0.0},
+        "training": {"checkpoint_dir": str(run_dir), "batch_size": 8, "lr": 3e-3, "warmup_steps": 10,
+                     "label_smoothing": 0.0, "augment": False, "val_samples": 8, **training},
+    }
+
+
+def run_main(argv, capsys):
+    code = L.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def vocab():
+    return L.load_vocabulary(DATA / "vocab.json")
+
+
+@pytest.fixture(scope="module")
+def eight_examples(tmp_path_factory):
+    """Eight real training images of one bucket shape, written as their own split file."""
+    data = L.DataConfig(image_base_dir=str(DATA / "images"))
+    entries = json.loads((DATA / "train.json").read_text())
+    examples, _ = L.load_split(DATA / "train.json", data, L.load_vocabulary(DATA / "vocab.json"))
+    dataset = L.Dataset(examples, data)
+    members = dataset.groups()[(32, 256, 48)][:8]
+    split = tmp_path_factory.mktemp("split") / "eight.json"
+    split.write_text(json.dumps({dataset.examples[i].name: entries[dataset.examples[i].name] for i in members}))
+    return split
+
+
+@pytest.fixture(scope="module")
+def overfit_run(tmp_path_factory, eight_examples):
+    """A tiny model trained through `train` until it has memorised eight real images."""
+    run_dir = tmp_path_factory.mktemp("overfit") / "run"
+    config = L.apply_overrides(L.Config(), tiny_overrides(
+        run_dir, eight_examples, total_steps=OVERFIT_STEPS, eval_every=OVERFIT_STEPS))
+    summary = L.train(config, progress=False)
+    return run_dir, summary
+
+
+# --- config -------------------------------------------------------------------------------------
+
+def test_set_overrides_are_typed():
+    config = L.load_config(None, ["training.lr=3e-4", "training.bf16=true",
+                                  "data.bucket_widths=[128,256]", "model.size=tiny"])
+    assert config.training.lr == 3e-4 and config.training.bf16 is True
+    assert config.data.bucket_widths == (128, 256) and config.model.size == "tiny"
+
+
+@pytest.mark.parametrize("option, message", [
+    ("training.lrr=1", "unknown config key 'training.lrr'"),
+    ("trainer.lr=1", "unknown config section 'trainer'"),
+    ("training.batch_size=abc", "training.batch_size"),
+    ("training.batch_size=0", "training.batch_size must be positive"),
+    ("training.lr=-1", "training.lr must be positive"),
+    ("model.size=huge", "model.size must be one of"),
+    ("data.bucket_heights=[30]", "multiples of model.patch_size"),
+])
+def test_bad_config_values_are_named(option, message):
+    with pytest.raises(L.UserError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        L.load_config(None, [option])
+
+
+def test_shipped_configs_load():
+    for name in ("train.yaml", "eval.yaml"):
+        L.load_config(str(ROOT / "configs" / name))
+
+
+# --- vocabulary and tokenizer -------------------------------------------------------------------
+
+def test_vocabulary_starts_with_special_tokens(vocab):
+    assert vocab.tokens[:7] == L.SPECIAL_TOKENS
+    assert (vocab.ids["<PAD>"], vocab.ids["<SOS>"], vocab.ids["<EOS>"], vocab.ids["<UNK>"]) == (0, 1, 2, 3)
+
+
+def test_build_vocabulary_orders_by_frequency_and_applies_min_count():
+    vocab = L.build_vocabulary([["b", "a", "a"], ["a", "c", "b"]], min_count=2)
+    assert vocab.tokens[7:] == ("a", "b")
+    assert vocab.encode(["a", "c"]) == [7, L.UNK_ID]
+
+
+def test_tokenizer_round_trips_every_training_caption(vocab):
+    captions = [e["caption"].split() for e in json.loads((DATA / "train.json").read_text()).values()]
+    for tokens in captions:
+        assert vocab.tokenize(L.detokenize(tokens)) == tokens
+
+
+@pytest.mark.parametrize("raw, tokens", [
+    (r"\frac{a}{b}", [r"\frac", "{", "a", "}", "{", "b", "}"]),
+    (r"\left(x\right)^2", [r"\left(", "x", r"\right)", "^", "2"]),
+    (r"\left\{ a \right.", [r"\left\{", "a", r"\right."]),
+    (r"a\leftarrow b", ["a", r"\leftarrow", "b"]),
+    (r"\begin{array}{cc}1&2\\\end{array}", [r"\begin{array}", "{", "c", "c", "}", "1", "&", "2", "\\\\", r"\end{array}"]),
+    (r"x_{i}\,\alpha", ["x", "_", "{", "i", "}", r"\,", r"\alpha"]),
+])
+def test_tokenizer_splits_raw_latex(vocab, raw, tokens):
+    assert vocab.tokenize(raw) == tokens
+
+
+def test_decode_stops_at_eos(vocab):
+    ids = [L.SOS_ID] + vocab.encode(["x", "+", "y"]) + [L.EOS_ID] + vocab.encode(["z"])
+    assert vocab.decode(ids) == ["x", "+", "y"]
+
+
+# --- images -------------------------------------------------------------------------------------
+
+def formula_like(width=300, height=80, box=(40, 20, 200, 50), background=255, ink=0, mode="L"):
+    image = Image.new(mode, (width, height), background)
+    ImageDraw.Draw(image).rectangle(box, fill=ink)
+    return image
+
+
+def test_ink_crop_finds_the_formula():
+    ink = L.ink_crop(formula_like(box=(40, 20, 199, 49)))
+    assert ink.shape == (30, 160) and ink.min() == 255
+
+
+def test_preprocess_keeps_aspect_and_uses_a_bucket():
+    data = L.DataConfig()
+    canvas = L.preprocess_image(formula_like(box=(0, 0, 299, 29), width=400), data)
+    assert canvas.shape == (64, 512)
+    assert canvas.shape[0] % 16 == 0 and canvas.shape[1] % 16 == 0
+    rows, cols = np.nonzero(canvas > 0.5)
+    assert (rows.max() - rows.min() + 1, cols.max() - cols.min() + 1) == (30, 300)
+
+
+def test_wide_formula_is_shrunk_not_squashed():
+    data = L.DataConfig()
+    canvas = L.preprocess_image(formula_like(width=2000, height=100, box=(0, 0, 1519, 39)), data)
+    rows, cols = np.nonzero(canvas > 0.5)
+    height, width = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+    assert canvas.shape[1] == max(data.bucket_widths)
+    assert abs(width / height - 1520 / 40) < 1.5
+
+
+def test_tiny_formula_is_scaled_up_to_min_height():
+    data = L.DataConfig()
+    ink = L.scale_into_range(L.ink_crop(formula_like(box=(10, 10, 69, 15))), data)
+    assert ink.shape == (data.min_ink_height, 120)
+
+
+def test_transparent_and_inverted_images_match_the_plain_one():
+    data = L.DataConfig()
+    plain = L.preprocess_image(formula_like(), data)
+    transparent = Image.new("RGBA", (300, 80), (0, 0, 0, 0))
+    ImageDraw.Draw(transparent).rectangle((40, 20, 200, 50), fill=(0, 0, 0, 255))
+    inverted = formula_like(background=0, ink=255)
+    np.testing.assert_allclose(L.preprocess_image(transparent, data), plain)
+    np.testing.assert_allclose(L.preprocess_image(inverted, data), plain)
+
+
+def test_blank_image_is_a_user_error():
+    with pytest.raises(L.UserError, match="no visible formula"):
+        L.preprocess_image(Image.new("L", (100, 40), 255), L.DataConfig())
+
+
+def test_augmentation_keeps_ink_and_is_deterministic():
+    ink = L.ink_crop(formula_like())
+    a = L.augment_ink(ink, np.random.default_rng(5))
+    b = L.augment_ink(ink, np.random.default_rng(5))
+    np.testing.assert_array_equal(a, b)
+    assert a.max() > 100 and a.dtype == np.uint8
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+def test_sample_splits_load_with_reports(vocab):
+    data = L.DataConfig(image_base_dir=str(DATA / "images"))
+    counts = {}
+    for split in L.SPLITS:
+        examples, report = L.load_split(DATA / f"{split}.json", data, vocab)
+        counts[split] = len(examples)
+        assert not report.skipped
+    assert counts == {"train": 897, "validate": 85, "test": 100}
+
+
+def test_bad_split_entries_are_skipped_and_counted(tmp_path, vocab):
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({
+        "ok.png": {"img_path": "1015942522.png", "caption": "x + \\notinvocab", "caption_len": 3},
+        "empty.png": {"img_path": "1015942522.png", "caption": "  ", "caption_len": 0},
+        "gone.png": {"img_path": "gone.png", "caption": "x", "caption_len": 1},
+        "nokeys.png": {"caption": "x"},
+        "long.png": {"img_path": "1015942522.png", "caption": "x " * 300, "caption_len": 300},
+    }))
+    examples, report = L.load_split(split, L.DataConfig(image_base_dir=str(DATA / "images")), vocab)
+    assert [e.name for e in examples] == ["ok.png"]
+    assert report.unknown_tokens == 1
+    assert {k: len(v) for k, v in report.skipped.items()} == {
+        "empty caption": 1, "image file missing": 1, "entry lacks img_path or caption strings": 1,
+        "caption longer than 254 tokens": 1}
+
+
+def test_epoch_batches_are_full_same_shape_and_reproducible(vocab):
+    data = L.DataConfig(image_base_dir=str(DATA / "images"))
+    examples, _ = L.load_split(DATA / "validate.json", data, vocab)
+    dataset = L.Dataset(examples, data)
+    first = dataset.epoch_batches(8, seed=3, epoch=1)
+    assert all(len(b) == 8 and len({dataset.keys[i] for i in b}) == 1 for b in first)
+    assert all((a == b).all() for a, b in zip(first, dataset.epoch_batches(8, seed=3, epoch=1)))
+    assert set(np.concatenate(first)) == set(range(len(dataset)))
+    batch = dataset.batch(first[0])
+    height, width, length = dataset.keys[first[0][0]]
+    assert batch["images"].shape == (8, height, width, 1) and batch["tokens"].shape == (8, length)
+    assert (batch["tokens"][:, 0] == L.SOS_ID).all()
+
+
+# --- models and decoding ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_model(vocab):
+    cfg = L.model_config(L.load_config(None, ["model.size=tiny"]), len(vocab))
+    model = L.LatexOCR(cfg)
+    return model, L.init_params(model, 0)
+
+
+def test_cached_decoding_equals_full_causal_forward(tiny_model):
+    model, params = tiny_model
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.random((2, 32, 128, 1), np.float32))
+    tokens = jnp.asarray(rng.integers(7, model.cfg.vocab_size, (2, 12)), jnp.int32)
+    variables = {"params": params}
+    full = model.apply(variables, images, tokens)
+    memory = model.apply(variables, images, method=L.LatexOCR.encode)
+    cross_kv = model.apply(variables, memory, method=L.LatexOCR.cross_keys_values)
+    cache = L.init_cache(model.cfg, 2)
+    for position in range(tokens.shape[1]):
+        logits, cache = model.apply(variables, tokens[:, position], jnp.int32(position), cache, cross_kv,
+                                    method=L.LatexOCR.decode_step)
+        np.testing.assert_allclose(logits, full[:, position], atol=1e-4)
+
+
+def test_decoder_is_causal(tiny_model):
+    model, params = tiny_model
+    images = jnp.ones((1, 32, 128, 1))
+    tokens = jnp.arange(8)[None] + 7
+
+    def logits_at_3(t):
+        return np.asarray(model.apply({"params": params}, images, t)[0, 3])
+
+    np.testing.assert_allclose(logits_at_3(tokens.at[0, 5].set(20)), logits_at_3(tokens), atol=1e-5)
+    assert np.abs(logits_at_3(tokens.at[0, 2].set(20)) - logits_at_3(tokens)).max() > 1e-3
+
+
+def test_greedy_decoding_agrees_with_stepwise_argmax(tiny_model):
+    model, params = tiny_model
+    images = jnp.asarray(np.random.default_rng(1).random((2, 32, 128, 1), np.float32))
+    decoded = np.asarray(jax.jit(lambda p, x: L.greedy_decode(model, p, x))(params, images))
+    prefix = jnp.asarray(decoded[:, :6])
+    logits = model.apply({"params": params}, images, prefix)
+    expected = np.asarray(jnp.argmax(logits, -1))
+    for row in range(2):
+        for position in range(5):
+            if decoded[row, position] in (L.EOS_ID, L.PAD_ID):
+                break
+            assert decoded[row, position + 1] == expected[row, position]
+
+
+# --- metrics (hand-worked) ----------------------------------------------------------------------
+
+REFS = [["a", "b", "c", "d"], ["x", "y"]]
+HYPS = [["a", "c", "d"], ["x", "y"]]
+
+
+def test_edit_distance_hand_worked():
+    # pair 1: one deletion over max length 4 = 0.25; pair 2: 0; mean x100 = 12.5
+    assert L.edit_distance(REFS, HYPS) == pytest.approx(12.5)
+
+
+def test_token_accuracy_hand_worked():
+    # pair 1: a=a, b!=c, c!=d -> 1 of min(4, 3) = 3; pair 2: 2 of 2 -> (1 + 2) / (3 + 2)
+    assert L.token_accuracy(REFS, HYPS) == pytest.approx(60.0)
+
+
+def test_exact_match_hand_worked():
+    assert L.exact_match(REFS, HYPS) == pytest.approx(50.0)
+
+
+def test_bleu_hand_worked():
+    # n-gram precisions 4/5, 3/4, 2/3, 1/2, brevity penalty 1: (0.2) ** (1/4) = 0.66874
+    assert L.bleu4([["a", "b", "c", "d", "e"]], [["a", "b", "c", "d", "f"]]) == pytest.approx(66.874, abs=1e-3)
+    assert L.bleu4([["a", "b", "c", "d"]], [["a", "b", "c", "d"]]) == pytest.approx(100.0)
+
+
+# --- training, checkpoints, resume --------------------------------------------------------------
+
+def test_tiny_model_overfits_eight_real_images_and_decodes_them_exactly(overfit_run, eight_examples, vocab):
+    run_dir, summary = overfit_run
+    assert summary["step"] == OVERFIT_STEPS
+    predictor = L.load_predictor(str(run_dir))
+    examples, _ = L.load_split(eight_examples, L.DataConfig(image_base_dir=str(DATA / "images")), vocab)
+    canvases = [L.preprocess_image(L.open_image(e.image_path), predictor.data) for e in examples]
+    predictions = predictor.predict_images(canvases)
+    assert predictions == [e.caption for e in examples]
+    assert summary["metrics"]["exact_match"] == 100.0
+
+
+def test_training_log_and_best_checkpoint_written(overfit_run):
+    run_dir, _ = overfit_run
+    events = [json.loads(line)["event"] for line in (run_dir / "train.log").read_text().splitlines()]
+    assert {"data", "start", "train", "validate", "done"} <= set(events)
+    assert L.checkpoint_steps(run_dir / "best") == [OVERFIT_STEPS]
+    meta = json.loads((run_dir / "best" / str(OVERFIT_STEPS) / "meta" / "metadata").read_text())
+    assert meta["model"]["dim"] == 64 and meta["vocab"][:7] == list(L.SPECIAL_TOKENS)
+
+
+def test_resume_equals_uninterrupted_run(tmp_path, eight_examples, vocab):
+    settings = dict(total_steps=6, warmup_steps=2, eval_every=3, keep_checkpoints=3, augment=True)
+    straight = tmp_path / "straight"
+    L.train(L.apply_overrides(L.Config(), tiny_overrides(straight, eight_examples, **settings)), progress=False)
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(straight / "3", resumed / "3")
+    (resumed / "3.orbax-checkpoint-tmp-1").mkdir()  # a save that crashed half-way is ignored
+    summary = L.train(L.apply_overrides(L.Config(), tiny_overrides(resumed, eight_examples, **settings)),
+                      resume=True, progress=False)
+    assert summary["step"] == 6
+    target = {"params": L.abstract(L.init_params(L.LatexOCR(L.model_config(
+        L.load_config(None, ["model.size=tiny", "model.dropout=0"]), len(vocab))), 0))}
+    straight_params = L.restore_items(straight, 6, target)["params"]
+    resumed_params = L.restore_items(resumed, 6, target)["params"]
+    jax.tree.map(np.testing.assert_array_equal, straight_params, resumed_params)
+
+
+def test_gradient_accumulation_of_a_repeated_batch_equals_one_step(tiny_model, vocab):
+    model, params = tiny_model
+    data = L.DataConfig(image_base_dir=str(DATA / "images"))
+    examples, _ = L.load_split(DATA / "validate.json", data, vocab)
+    dataset = L.Dataset(examples, data)
+    batch = dataset.batch(dataset.epoch_batches(4, 0, 0)[0])
+    settings = dict(lr=1e-3, warmup_steps=0, total_steps=10)
+    single, accumulated = L.make_optimizer(L.TrainingConfig(**settings)), \
+        L.make_optimizer(L.TrainingConfig(grad_accum_steps=2, **settings))
+    copy = lambda tree: jax.tree.map(jnp.array, tree)  # noqa: E731  (steps donate their inputs)
+    key = jax.random.PRNGKey(0)
+    one, _, _ = L.make_train_step(model, single, 0.0)(copy(params), single.init(params), batch, key)
+    step = L.make_train_step(model, accumulated, 0.0)
+    two, state, _ = step(copy(params), accumulated.init(params), batch, key)
+    jax.tree.map(np.testing.assert_array_equal, two, params)  # no update before the k-th micro-step
+    two, _, _ = step(two, state, batch, key)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), one, two)
+
+
+def test_bf16_compute_trains_with_float32_parameters(vocab):
+    cfg = L.model_config(L.load_config(None, ["model.size=tiny", "training.bf16=true"]), len(vocab))
+    assert cfg.dtype == "bfloat16"
+    model = L.LatexOCR(cfg)
+    params = L.init_params(model, 0)
+    optimizer = L.make_optimizer(L.TrainingConfig(warmup_steps=0, total_steps=10))
+    batch = {"images": np.ones((2, 32, 128, 1), np.float32),
+             "tokens": L.token_array([np.array([7, 8, 9]), np.array([10])], 6)}
+    new_params, _, metrics = L.make_train_step(model, optimizer, 0.1)(
+        params, optimizer.init(params), batch, jax.random.PRNGKey(0))
+    assert np.isfinite(float(metrics["loss"]))
+    assert {x.dtype for x in jax.tree.leaves(new_params)} == {np.dtype("float32")}
+
+
+# --- prepare ------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/data/im2latex100k")
+def test_prepare_original_layout_counts_what_it_skips(tmp_path, capsys):
+    sample = SHARED / "harvardnlp_sample"
+    root = tmp_path / "im2latex"
+    (root / "formula_images_processed").mkdir(parents=True)
+    lines = [line for line in (sample / "train_filter.lst").read_text().splitlines() if int(line.split()[1]) < 40]
+    formulas = (sample / "formulas.norm.lst").read_text().splitlines()[:40]
+    blanked = int(lines[3].split()[1])
+    formulas[blanked] = "   "
+    (root / "im2latex_formulas.norm.lst").write_text("\n".join(formulas) + "\n")
+    (root / "im2latex_train_filter.lst").write_text("\n".join(lines + [f"nothere.png {lines[0].split()[1]}", "late.png 999"]) + "\n")
+    for line in lines:
+        shutil.copy(sample / "images_processed" / line.split()[0], root / "formula_images_processed")
+    code, out, _ = run_main(["prepare", "--root", root, "--out", tmp_path / "out"], capsys)
+    assert code == 0
+    written = json.loads((tmp_path / "out" / "train.json").read_text())
+    empty_lines = sum(int(line.split()[1]) == blanked for line in lines)
+    assert len(written) == len(lines) - empty_lines
+    report = json.loads((tmp_path / "out" / "prepare_report.json").read_text())["counts"]["train"]
+    assert report == {"written": len(written), "empty formula": empty_lines, "image missing": 1,
+                      "formula index out of range": 1}
+    name, entry = next(iter(written.items()))
+    assert entry["img_path"] == name and entry["caption_len"] == len(entry["caption"].split())
+    assert "image missing 1" in out
+
+
+def test_prepare_csv_export(tmp_path, capsys):
+    entries = list(json.loads((DATA / "validate.json").read_text()).items())[:5]
+    rows = ["formula,image"] + [f'"{e["caption"]}",{name}' for name, e in entries] + ['"x + y",missing.png']
+    (tmp_path / "val.csv").write_text("\n".join(rows) + "\n")
+    code, out, _ = run_main(["prepare", "--csv", f"validate={tmp_path / 'val.csv'}", "--images", DATA / "images",
+                             "--out", tmp_path / "out", "--copy-images"], capsys)
+    assert code == 0 and "written 5" in out and "image missing 1" in out
+    written = json.loads((tmp_path / "out" / "validate.json").read_text())
+    assert written == {name: e for name, e in entries}
+    assert len(list((tmp_path / "out" / "images").iterdir())) == 5
+
+
+# --- commands -----------------------------------------------------------------------------------
+
+def test_cli_vocab(tmp_path, capsys):
+    code, out, _ = run_main(["vocab", "--out", tmp_path / "vocab.json"], capsys)
+    assert code == 0
+    assert json.loads((tmp_path / "vocab.json").read_text()) == json.loads((DATA / "vocab.json").read_text())
+
+
+def test_cli_train_eval_predict(overfit_run, eight_examples, tmp_path, capsys, vocab):
+    run_dir, _ = overfit_run
+    code, out, _ = run_main(["eval", "--checkpoint", run_dir, "--quiet",
+                             "--set", f"data.test_split={eight_examples}",
+                             "--set", f"evaluation.output_dir={tmp_path / 'results'}"], capsys)
+    assert code == 0 and "exact match %" in out
+    saved = json.loads((tmp_path / "results" / "predictions.json").read_text())
+    assert saved["metrics"]["exact_match"] == 100.0 and len(saved["predictions"]) == 8
+    assert (tmp_path / "results" / "evaluate.log").read_text().count("BLEU-4") == 1
+
+    entries = json.loads(eight_examples.read_text())
+    images = [DATA / "images" / e["img_path"] for e in entries.values()][:2]
+    code, out, _ = run_main(["predict", *images, "--checkpoint", run_dir], capsys)
+    assert code == 0 and out.splitlines() == [e["caption"] for e in list(entries.values())[:2]]
+    code, out, _ = run_main(["predict", images[0], "--checkpoint", run_dir, "--json"], capsys)
+    result = json.loads(out)
+    assert result["predictions"][0]["latex"] == list(entries.values())[0]["caption"]
+    assert result["decode_seconds"] >= 0
+
+    code, out, _ = run_main(["train", "--quiet", *sum((["--set", f"{s}.{k}={v}"] for s, values in tiny_overrides(
+        tmp_path / "cli_run", eight_examples, total_steps=2, warmup_steps=1, eval_every=2).items()
+        for k, v in values.items()), [])], capsys)
+    assert code == 0 and json.loads(out.splitlines()[-1])["step"] == 2
+
+
+def test_predict_uses_the_shipped_default_model(capsys):
+    code, out, err = run_main(["predict", DATA / "images" / "1015942522.png", "--json"], capsys)
+    assert code == 0, err
+    prediction = json.loads(out)["predictions"][0]
+    assert prediction["tokens"] and prediction["latex"] == " ".join(prediction["tokens"])
+
+
+# --- user errors: one clear line, non-zero exit, no traceback -----------------------------------
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bad")
+    (folder / "text.png").write_text("not an image")
+    (folder / "zero.png").write_bytes(b"")
+    good = (DATA / "images" / "1015942522.png").read_bytes()
+    (folder / "truncated.png").write_bytes(good[: len(good) // 2])
+    Image.new("L", (120, 40), 255).save(folder / "blank.png")
+    (folder / "broken.json").write_text("{not json")
+    (folder / "list.json").write_text("[1, 2]")
+    (folder / "unknown_key.yaml").write_text("training:\n  learning_rate: 0.1\n")
+    shuffled = json.loads((DATA / "vocab.json").read_text())
+    shuffled["x"], shuffled["y"] = shuffled["y"], shuffled["x"]
+    (folder / "vocab.json").write_text(json.dumps(shuffled))
+    return folder
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["predict", "{bad}/missing.png", "--checkpoint", "{run}"], "image not found"),
+    (["predict", "{bad}/text.png", "--checkpoint", "{run}"], "cannot read image"),
+    (["predict", "{bad}/zero.png", "--checkpoint", "{run}"], "cannot read image"),
+    (["predict", "{bad}/truncated.png", "--checkpoint", "{run}"], "cannot read image"),
+    (["predict", "{bad}/blank.png", "--checkpoint", "{run}"], "no visible formula"),
+    (["predict", "{data}/images/1015942522.png", "--checkpoint", "{bad}/nowhere"], "checkpoint not found"),
+    (["predict", "{data}/images/1015942522.png", "--checkpoint", "{bad}"], "no checkpoint steps"),
+    (["train", "--config", "{bad}/missing.yaml"], "config file not found"),
+    (["train", "--config", "{bad}/unknown_key.yaml"], "unknown config key 'training.learning_rate'"),
+    (["train", "--set", "training.batch_size=0"], "training.batch_size must be positive"),
+    (["train", "--set", "data.vocab_path={bad}/none.json"], "vocabulary file not found"),
+    (["train", "--set", "data.vocab_path={bad}/broken.json"], "not valid JSON"),
+    (["train", "--set", "data.train_split={bad}/broken.json", "--set", "training.checkpoint_dir={bad}/r1"],
+     "not valid JSON"),
+    (["train", "--set", "data.train_split={bad}/list.json", "--set", "training.checkpoint_dir={bad}/r2"],
+     "must map image names"),
+    (["train", "--set", "data.train_split={bad}/gone.json", "--set", "training.checkpoint_dir={bad}/r3"],
+     "split file not found"),
+    (["train", "--resume", "--set", "training.checkpoint_dir={run}", "--set", "data.vocab_path={bad}/vocab.json",
+      "--set", "model.size=tiny", "--set", "model.dropout=0"], "another vocabulary"),
+    (["train", "--resume", "--set", "training.checkpoint_dir={run}"], "another model config"),
+    (["train", "--set", "training.checkpoint_dir={run}"], "already holds a training run"),
+    (["eval", "--checkpoint", "{run}", "--set", "data.test_split={bad}/broken.json"], "not valid JSON"),
+    (["prepare", "--root", "{bad}/nowhere", "--out", "{bad}/o"], "folder not found"),
+    (["prepare", "--root", "{bad}", "--out", "{bad}/o"], "no im2latex_formulas.norm.lst"),
+])
+def test_user_errors_give_one_clear_line(argv, message, bad_files, overfit_run, capsys):
+    run_dir, _ = overfit_run
+    argv = [a.format(bad=bad_files, run=run_dir, data=DATA) for a in argv]
+    code, _, err = run_main(argv, capsys)
+    assert code != 0
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("latexocr: error:")]
+    assert len(errors) == 1 and message in errors[0], err
+
+
+def test_predict_reports_bad_files_and_still_answers_good_ones(bad_files, overfit_run, eight_examples, capsys):
+    run_dir, _ = overfit_run
+    entry = next(iter(json.loads(eight_examples.read_text()).values()))
+    code, out, err = run_main(["predict", bad_files / "text.png", DATA / "images" / entry["img_path"],
+                               "--checkpoint", run_dir], capsys)
+    assert code == 1
+    assert out.splitlines() == [entry["caption"]]
+    assert err.count("latexocr: error:") == 1
