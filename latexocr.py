@@ -641,9 +641,9 @@ def read_split_list(path: Path) -> list[tuple[str, int]]:
         fields = line.split()
         if not fields:
             continue
-        if len(fields) >= 2 and fields[1].lstrip("-").isdigit():
+        if len(fields) == 2 and fields[1].isdigit():
             name, index = fields[0], int(fields[1])
-        elif fields[0].isdigit() and len(fields) >= 2:
+        elif len(fields) == 3 and fields[0].isdigit():
             name, index = fields[1] if fields[1].endswith(".png") else fields[1] + ".png", int(fields[0])
         else:
             raise UserError(f"{path}:{number}: expected `image index` or `index image type`, got {line!r}")

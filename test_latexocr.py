@@ -411,6 +411,17 @@ def test_prepare_original_layout_counts_what_it_skips(tmp_path, capsys):
     assert "image missing 1" in out
 
 
+def test_split_lists_of_both_layouts_are_read(tmp_path):
+    filtered, raw, bad = tmp_path / "filtered.lst", tmp_path / "raw.lst", tmp_path / "bad.lst"
+    filtered.write_text("60ee748793.png 0\n1015942522.png 7\n")
+    raw.write_text("1 60ee748793 basic\n5 1015942522 basic\n")
+    bad.write_text("60ee748793.png\n")
+    assert L.read_split_list(filtered) == [("60ee748793.png", 0), ("1015942522.png", 7)]
+    assert L.read_split_list(raw) == [("60ee748793.png", 1), ("1015942522.png", 5)]
+    with pytest.raises(L.UserError, match="bad.lst:1"):
+        L.read_split_list(bad)
+
+
 def test_prepare_csv_export(tmp_path, capsys):
     entries = list(json.loads((DATA / "validate.json").read_text()).items())[:5]
     rows = ["formula,image"] + [f'"{e["caption"]}",{name}' for name, e in entries] + ['"x + y",missing.png']
