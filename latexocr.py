@@ -168,7 +168,7 @@ def _convert(value: Any, default: Any, key: str) -> Any:
 
 
 def apply_overrides(config: Config, overrides: dict[str, dict[str, Any]]) -> Config:
-    sections = {f.name: f for f in dataclasses.fields(Config)}
+    sections = [f.name for f in dataclasses.fields(Config)]
     replaced = {}
     for section_name, values in overrides.items():
         if section_name not in sections:
@@ -189,17 +189,18 @@ def apply_overrides(config: Config, overrides: dict[str, dict[str, Any]]) -> Con
 
 def validate_config(config: Config) -> Config:
     d, m, t, e = config.data, config.model, config.training, config.evaluation
+    for name in ("bucket_heights", "bucket_widths", "sequence_buckets"):
+        if not getattr(d, name):
+            raise UserError(f"data.{name} must not be empty")
     checks = [
         (m.size in MODEL_SIZES, f"model.size must be one of {', '.join(MODEL_SIZES)}"),
         (m.patch_size > 0, "model.patch_size must be positive"),
         (all(h % m.patch_size == 0 for h in d.bucket_heights + d.bucket_widths),
          "data.bucket_heights and data.bucket_widths must be multiples of model.patch_size"),
-        (len(d.bucket_heights) > 0 and len(d.bucket_widths) > 0, "data buckets must not be empty"),
         (0 < d.min_ink_height <= d.max_ink_height <= max(d.bucket_heights) - 2 * d.margin,
          "need 0 < data.min_ink_height <= data.max_ink_height <= largest bucket height - 2*margin"),
-        (len(d.sequence_buckets) > 0 and max(d.sequence_buckets) <= m.max_seq_len,
-         "data.sequence_buckets must be non-empty and at most model.max_seq_len"),
-        (min(d.sequence_buckets, default=0) >= 3, "data.sequence_buckets must be at least 3"),
+        (max(d.sequence_buckets) <= m.max_seq_len, "data.sequence_buckets must be at most model.max_seq_len"),
+        (min(d.sequence_buckets) >= 3, "data.sequence_buckets must be at least 3"),
         (0.0 <= m.dropout < 1.0, "model.dropout must be in [0, 1)"),
         (t.batch_size > 0, "training.batch_size must be positive"),
         (t.grad_accum_steps > 0, "training.grad_accum_steps must be positive"),
@@ -1201,8 +1202,7 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> dict[s
     vocab = load_vocabulary(data.vocab_path)
     cfg = model_config(config, len(vocab))
     run_dir = Path(training.checkpoint_dir).expanduser()
-    has_steps = run_dir.is_dir() and any(p.name.isdigit() for p in run_dir.iterdir())
-    if has_steps and not resume:
+    if run_dir.is_dir() and checkpoint_steps(run_dir) and not resume:
         raise UserError(f"{run_dir} already holds a training run; pass --resume to continue it "
                         "or choose another training.checkpoint_dir")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -1242,8 +1242,25 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> dict[s
     base_key = jax.random.PRNGKey(training.seed)
     total_micro_steps = training.total_steps * training.grad_accum_steps
     deadline = time.monotonic() + training.max_minutes * 60 if training.max_minutes else math.inf
-    metrics_sum, samples, window_start = collections.defaultdict(float), 0, time.monotonic()
+    window: list[dict[str, jax.Array]] = []  # step metrics, left on the device until logged
+    window_start = time.monotonic()
     last_metrics: dict[str, float] = {}
+
+    def log_window(step: int) -> None:
+        """One host transfer per window; a non-finite loss stops training before anything is saved."""
+        nonlocal window, window_start
+        if not window:
+            return
+        values = {k: float(np.mean([m[k] for m in jax.device_get(window)])) for k in window[0]}
+        if not math.isfinite(values["loss"]):
+            raise UserError(f"training diverged by step {step} (loss {values['loss']}); the last checkpoint "
+                            f"in {run_dir} is intact; lower training.lr and --resume")
+        rate = len(window) * training.batch_size / (time.monotonic() - window_start)
+        lr = float(schedule(step // training.grad_accum_steps))
+        bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
+        log.write("train", console=False, step=step, loss=values["loss"], grad_norm=values["grad_norm"],
+                  lr=lr, samples_per_s=rate)
+        window, window_start = [], time.monotonic()
 
     def save(step: int) -> None:
         extra = {"step": step, "best_metric": best, "config": dataclasses.asdict(config)}
@@ -1270,23 +1287,10 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> dict[s
             batch = next(stream)
             params, opt_state, metrics = train_step(params, opt_state, batch, jax.random.fold_in(base_key, step))
             step += 1
-            samples += training.batch_size
-            for key, value in metrics.items():
-                metrics_sum[key] += float(value)
-            if not math.isfinite(float(metrics["loss"])):
-                raise UserError(f"training diverged at step {step} (loss {float(metrics['loss'])}); "
-                                f"the last checkpoint in {run_dir} is intact; lower training.lr and --resume")
+            window.append(metrics)
             bar.update(1)
-            if step % training.log_every == 0:
-                elapsed = time.monotonic() - window_start
-                update = step // training.grad_accum_steps
-                values = {k: v / training.log_every for k, v in metrics_sum.items()}
-                rate = samples / elapsed
-                bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{float(schedule(update)):.2e}",
-                                samples_s=f"{rate:.1f}")
-                log.write("train", console=False, step=step, loss=values["loss"], grad_norm=values["grad_norm"],
-                          lr=float(schedule(update)), samples_per_s=rate)
-                metrics_sum, samples, window_start = collections.defaultdict(float), 0, time.monotonic()
+            if step % training.log_every == 0 or step % training.eval_every == 0:
+                log_window(step)
             if step % training.eval_every == 0:
                 validate(step)
                 save(step)
@@ -1299,6 +1303,7 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> dict[s
         stream.close()
         prefetch.shutdown(cancel_futures=True)
     if step % training.eval_every:
+        log_window(step)
         validate(step)
         save(step)
     manager.wait_until_finished()
@@ -1430,9 +1435,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="latexocr.py", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def add(name: str, help_text: str, config_default: str | None = None):
+    def add(name: str, help_text: str):
         sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.add_argument("--config", default=config_default, help="YAML config (defaults apply to keys it omits)")
+        sub.add_argument("--config", help="YAML config (defaults apply to keys it omits)")
         sub.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                          help="override one config value, e.g. --set training.lr=3e-4 (repeatable)")
         return sub

@@ -83,6 +83,7 @@ def test_set_overrides_are_typed():
     ("training.lr=-1", "training.lr must be positive"),
     ("model.size=huge", "model.size must be one of"),
     ("data.bucket_heights=[30]", "multiples of model.patch_size"),
+    ("data.bucket_heights=[]", "data.bucket_heights must not be empty"),
 ])
 def test_bad_config_values_are_named(option, message):
     with pytest.raises(L.UserError, match=message.replace("(", r"\(").replace("[", r"\[")):
