@@ -112,7 +112,20 @@ class EvaluationConfig:
     batch_size: int = 32
     primary_metric: str = "bleu"
     generation_method: str = "greedy"
+    beam_width: int = 5
+    # Beams are compared by summed log-probability / length ** length_penalty.
+    length_penalty: float = 0.7
     output_dir: str = "evaluation_results"
+
+    @property
+    def decode_width(self) -> int:
+        """The beam width to decode with; 1 is greedy decoding."""
+        return self.beam_width if self.generation_method == "beam" else 1
+
+    def describe_decoding(self) -> str:
+        if self.decode_width == 1:
+            return "greedy"
+        return f"beam {self.beam_width}, length penalty {self.length_penalty:g}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,7 +231,9 @@ def validate_config(config: Config) -> Config:
         (e.split in SPLITS, f"evaluation.split must be one of {', '.join(SPLITS)}"),
         (e.primary_metric in METRIC_DIRECTIONS,
          f"evaluation.primary_metric must be one of {', '.join(METRIC_DIRECTIONS)}"),
-        (e.generation_method == "greedy", "evaluation.generation_method must be 'greedy'"),
+        (e.generation_method in ("greedy", "beam"), "evaluation.generation_method must be 'greedy' or 'beam'"),
+        (e.beam_width >= 1, "evaluation.beam_width must be at least 1"),
+        (e.length_penalty >= 0, "evaluation.length_penalty must be >= 0"),
     ]
     for ok, message in checks:
         if not ok:
@@ -903,67 +918,213 @@ def count_params(params: Any) -> int:
 
 # --- decoding ---------------------------------------------------------------------------------
 
-def greedy_decode(model: LatexOCR, params: Any, images: jax.Array) -> jax.Array:
-    """Greedy decoding with the KV cache in one while_loop that stops when every row has
-    emitted <EOS>. images [B, H, W, 1] -> tokens [B, max_seq_len] (<SOS> first, <PAD> after <EOS>)."""
-    cfg = model.cfg
-    batch = images.shape[0]
+def start_decoding(model: LatexOCR, params: Any, images: jax.Array, copies: int = 1):
+    """Encode the images once; per decoder layer, their cross-attention keys/values repeated
+    `copies` times per image (one per beam), and an empty self-attention cache."""
     variables = {"params": params}
     memory = model.apply(variables, images, method=LatexOCR.encode)
     cross_kv = model.apply(variables, memory, method=LatexOCR.cross_keys_values)
+    cross_kv = jax.tree.map(lambda x: jnp.repeat(x, copies, axis=0), cross_kv)
+    return cross_kv, init_cache(model.cfg, images.shape[0] * copies)
+
+
+def decode_loop(model: LatexOCR, params: Any, images: jax.Array, pick, key: jax.Array):
+    """The cached decoding loop shared by greedy decoding and sampling: one lax.while_loop that
+    stops when every row has emitted <EOS>. `pick(logits [B, vocab], key) -> tokens [B]`.
+    Returns tokens [B, max_seq_len] (<SOS> first, <PAD> after <EOS>) and the summed
+    log-probability of each row's tokens [B]."""
+    cfg = model.cfg
+    batch = images.shape[0]
+    cross_kv, cache = start_decoding(model, params, images)
     tokens = jnp.full((batch, cfg.max_seq_len), PAD_ID, jnp.int32).at[:, 0].set(SOS_ID)
 
     def keep_going(state):
-        position, _, _, done = state
+        position, _, _, _, done = state
         return (position < cfg.max_seq_len - 1) & ~jnp.all(done)
 
     def step(state):
-        position, tokens, cache, done = state
-        logits, cache = model.apply(variables, tokens[:, position], position, cache, cross_kv,
+        position, tokens, log_prob, cache, done = state
+        logits, cache = model.apply({"params": params}, tokens[:, position], position, cache, cross_kv,
                                     method=LatexOCR.decode_step)
-        next_token = jnp.where(done, PAD_ID, jnp.argmax(logits, -1).astype(jnp.int32))
+        chosen = pick(logits, jax.random.fold_in(key, position)).astype(jnp.int32)
+        chosen_log_prob = jnp.take_along_axis(jax.nn.log_softmax(logits), chosen[:, None], 1)[:, 0]
+        log_prob = log_prob + jnp.where(done, 0.0, chosen_log_prob)
+        next_token = jnp.where(done, PAD_ID, chosen)
         tokens = tokens.at[:, position + 1].set(next_token)
-        return position + 1, tokens, cache, done | (next_token == EOS_ID)
+        return position + 1, tokens, log_prob, cache, done | (next_token == EOS_ID)
 
-    state = (jnp.int32(0), tokens, init_cache(cfg, batch), jnp.zeros(batch, bool))
-    return jax.lax.while_loop(keep_going, step, state)[1]
+    state = (jnp.int32(0), tokens, jnp.zeros(batch), cache, jnp.zeros(batch, bool))
+    _, tokens, log_prob, _, _ = jax.lax.while_loop(keep_going, step, state)
+    return tokens, log_prob
+
+
+def greedy_decode(model: LatexOCR, params: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return decode_loop(model, params, images, lambda logits, key: jnp.argmax(logits, -1), jax.random.PRNGKey(0))
+
+
+def sample_decode(model: LatexOCR, params: Any, images: jax.Array, key: jax.Array,
+                  temperature: float) -> tuple[jax.Array, jax.Array]:
+    """Draw one sequence per image from the model's distribution sharpened (T < 1) or flattened
+    (T > 1) by the temperature; the log-probabilities returned are those of the model itself."""
+    return decode_loop(model, params, images,
+                       lambda logits, step_key: jax.random.categorical(step_key, logits / temperature), key)
+
+
+def length_normalised(log_prob: jax.Array, length: jax.Array, length_penalty: float) -> jax.Array:
+    """Summed log-probability / length ** length_penalty (length counts <EOS>, not <SOS>)."""
+    return log_prob / jnp.maximum(length, 1).astype(jnp.float32) ** length_penalty
+
+
+def sequence_lengths(tokens: jax.Array) -> jax.Array:
+    """Generated tokens per row, <EOS> included: everything after <SOS> that is not <PAD>."""
+    return jnp.sum(tokens[..., 1:] != PAD_ID, axis=-1)
+
+
+def beam_search(model: LatexOCR, params: Any, images: jax.Array, beam_width: int,
+                length_penalty: float) -> tuple[jax.Array, jax.Array]:
+    """Batched beam search over the KV cache in one lax.while_loop, which stops when every beam
+    of every image has emitted <EOS> (or at max_seq_len). Returns the best hypothesis per image,
+    tokens [B, max_seq_len], and its length-normalised score [B].
+
+    Beams are ranked by summed log-probability. A finished beam stays in its slot, extended only
+    by <PAD> at no cost, until better live beams push it out; the best finished hypothesis by
+    length-normalised score is also kept aside, so a pushed-out one is never lost. Slot 0 follows
+    the greedy path until greedy emits <EOS>, so the answer never scores below greedy decoding
+    (the original's beam search could lose its best hypothesis); beam_width 1 is greedy."""
+    cfg, width = model.cfg, beam_width
+    batch, length, vocab = images.shape[0], cfg.max_seq_len, cfg.vocab_size
+    cross_kv, cache = start_decoding(model, params, images, width)
+    slot = jnp.arange(width)
+    word = jnp.arange(vocab)
+    # Only slot 0 is live at the start; the others are dead (score -inf) until filled.
+    state = dict(
+        position=jnp.int32(0),
+        tokens=jnp.full((batch, width, length), PAD_ID, jnp.int32).at[:, :, 0].set(SOS_ID),
+        log_prob=jnp.where(slot == 0, 0.0, -jnp.inf)[None].repeat(batch, 0),
+        done=(slot > 0)[None].repeat(batch, 0),
+        on_greedy_path=jnp.ones(batch, bool),
+        cache=cache,
+        best_tokens=jnp.full((batch, length), PAD_ID, jnp.int32).at[:, 0].set(SOS_ID),
+        best_score=jnp.full(batch, -jnp.inf),
+    )
+
+    def keep_going(s):
+        return (s["position"] < length - 1) & ~jnp.all(s["done"])
+
+    def step(s):
+        position = s["position"]
+        logits, cache = model.apply({"params": params}, s["tokens"][:, :, position].reshape(-1), position,
+                                    s["cache"], cross_kv, method=LatexOCR.decode_step)
+        log_probs = jax.nn.log_softmax(logits).reshape(batch, width, vocab)
+        pad_only = jnp.where(word == PAD_ID, 0.0, -jnp.inf)
+        candidates = s["log_prob"][:, :, None] + jnp.where(s["done"][:, :, None], pad_only, log_probs)
+        greedy_token = jnp.argmax(log_probs[:, 0], -1)
+        forced = (s["on_greedy_path"][:, None, None] & (slot == 0)[None, :, None]
+                  & (word[None, None, :] == greedy_token[:, None, None]))
+        _, chosen = jax.lax.top_k(jnp.where(forced, jnp.inf, candidates).reshape(batch, -1), width)
+        parent, token = chosen // vocab, (chosen % vocab).astype(jnp.int32)
+        log_prob = jnp.take_along_axis(candidates.reshape(batch, -1), chosen, 1)
+        parent_done = jnp.take_along_axis(s["done"], parent, 1)
+        tokens = jnp.take_along_axis(s["tokens"], parent[:, :, None], 1).at[:, :, position + 1].set(token)
+        rows = (jnp.arange(batch)[:, None] * width + parent).reshape(-1)
+        finished_now = (token == EOS_ID) & ~parent_done
+        score = jnp.where(finished_now, length_normalised(log_prob, position + 1, length_penalty), -jnp.inf)
+        top = jnp.argmax(score, 1)
+        top_score = jnp.take_along_axis(score, top[:, None], 1)[:, 0]
+        improved = top_score > s["best_score"]
+        top_tokens = jnp.take_along_axis(tokens, top[:, None, None], 1)[:, 0]
+        return dict(
+            position=position + 1, tokens=tokens, log_prob=log_prob, done=parent_done | (token == EOS_ID),
+            on_greedy_path=s["on_greedy_path"] & (greedy_token != EOS_ID),
+            cache=jax.tree.map(lambda x: x[rows], cache),
+            best_tokens=jnp.where(improved[:, None], top_tokens, s["best_tokens"]),
+            best_score=jnp.maximum(top_score, s["best_score"]),
+        )
+
+    s = jax.lax.while_loop(keep_going, step, state)
+    # Beams still live here were cut off at max_seq_len; they compete too, so that a greedy path
+    # that never ends is still a candidate.
+    live_score = jnp.where(s["done"], -jnp.inf, length_normalised(s["log_prob"], s["position"], length_penalty))
+    top = jnp.argmax(live_score, 1)
+    top_live = jnp.take_along_axis(live_score, top[:, None], 1)[:, 0]
+    use_live = top_live > s["best_score"]
+    live_tokens = jnp.take_along_axis(s["tokens"], top[:, None, None], 1)[:, 0]
+    return (jnp.where(use_live[:, None], live_tokens, s["best_tokens"]),
+            jnp.maximum(top_live, s["best_score"]))
 
 
 class Predictor:
-    """A model with its parameters and vocabulary, and its jitted decoder (compiled once per
-    image bucket shape)."""
+    """A model with its parameters and vocabulary, and its jitted decoders (each compiled once
+    per image bucket shape, and for beam search once per beam width)."""
 
-    def __init__(self, model: LatexOCR, params: Any, vocab: Vocabulary, data: DataConfig):
+    def __init__(self, model: LatexOCR, params: Any, vocab: Vocabulary, data: DataConfig,
+                 length_penalty: float = 0.7):
         self.model, self.params, self.vocab, self.data = model, params, vocab, data
+        self.length_penalty = length_penalty
         self._greedy = jax.jit(lambda p, images: greedy_decode(model, p, images))
+        self._beam = jax.jit(lambda p, images, width: beam_search(model, p, images, width, length_penalty),
+                             static_argnums=2)
+        self._cross_kv = jax.jit(lambda p, images: start_decoding(model, p, images)[0])
+        self._prefix_logits = jax.jit(
+            lambda p, tokens, cross_kv: model.apply({"params": p}, tokens, cross_kv, method=LatexOCR.decode))
 
-    def decode_batch(self, images: np.ndarray) -> list[list[str]]:
-        ids = np.asarray(self._greedy(self.params, jnp.asarray(images)))
-        return [self.vocab.decode(row) for row in ids]
+    def decode_batch(self, images: np.ndarray, beam_width: int = 1) -> tuple[list[list[str]], np.ndarray]:
+        """images [B, H, W, 1] -> token lists and their length-normalised log-probabilities."""
+        if beam_width == 1:
+            ids, log_prob = self._greedy(self.params, jnp.asarray(images))
+            scores = length_normalised(log_prob, sequence_lengths(ids), self.length_penalty)
+        else:
+            ids, scores = self._beam(self.params, jnp.asarray(images), beam_width)
+        return [self.vocab.decode(row) for row in np.asarray(ids)], np.asarray(scores)
 
-    def predict_images(self, canvases: Sequence[np.ndarray], batch_size: int = 16) -> list[list[str]]:
-        """Decode preprocessed canvases of any bucket shapes, batching same-shape ones."""
-        results: list[list[str]] = [[] for _ in canvases]
+    def predict_images(self, canvases: Sequence[np.ndarray], beam_width: int = 1,
+                       batch_size: int = 16) -> list[tuple[list[str], float]]:
+        """Decode preprocessed canvases of any bucket shapes, batching same-shape ones.
+        Returns (tokens, score) per canvas, in order."""
+        results: list[tuple[list[str], float]] = [([], 0.0) for _ in canvases]
         by_shape: dict[tuple[int, int], list[int]] = collections.defaultdict(list)
         for i, canvas in enumerate(canvases):
             by_shape[canvas.shape].append(i)
         for members in by_shape.values():
             for start in range(0, len(members), batch_size):
                 chunk = members[start: start + batch_size]
-                for i, tokens in zip(chunk, self.decode_batch(np.stack([canvases[i] for i in chunk])[..., None])):
-                    results[i] = tokens
+                tokens, scores = self.decode_batch(np.stack([canvases[i] for i in chunk])[..., None], beam_width)
+                for i, row, score in zip(chunk, tokens, scores):
+                    results[i] = (row, float(score))
         return results
 
-    def decode_dataset(self, dataset: Dataset, batch_size: int, progress: bool = False) -> list[list[str]]:
+    def decode_dataset(self, dataset: Dataset, batch_size: int, beam_width: int = 1,
+                       progress: bool = False) -> list[list[str]]:
+        """Decode a whole dataset; with beam search, batch_size counts beams (images x width)."""
         from tqdm import tqdm
 
         hypotheses: list[list[str]] = [[] for _ in range(len(dataset))]
-        batches = dataset.ordered_batches(batch_size)
+        batches = dataset.ordered_batches(max(1, batch_size // beam_width))
         for indices, count in tqdm(batches, desc="decoding", disable=not progress, leave=False):
-            decoded = self.decode_batch(dataset.batch(indices)["images"])
+            decoded, _ = self.decode_batch(dataset.batch(indices)["images"], beam_width)
             for i, tokens in zip(indices[:count], decoded[:count]):
                 hypotheses[i] = tokens
         return hypotheses
+
+    def decode_batch_uncached(self, images: np.ndarray) -> list[list[str]]:
+        """Greedy decoding as the original project did it, for `bench` to compare with: every
+        step re-runs the decoder over the whole prefix instead of reading a KV cache (the image
+        is still encoded once). Prefix lengths are rounded up to a power of two, at least 16, so
+        that only a few shapes compile."""
+        cross_kv = self._cross_kv(self.params, jnp.asarray(images))
+        length = self.model.cfg.max_seq_len
+        tokens = np.full((images.shape[0], length), PAD_ID, np.int32)
+        tokens[:, 0] = SOS_ID
+        done = np.zeros(images.shape[0], bool)
+        for position in range(length - 1):
+            width = min(length, max(16, 1 << position.bit_length()))
+            logits = self._prefix_logits(self.params, jnp.asarray(tokens[:, :width]), cross_kv)
+            next_token = np.where(done, PAD_ID, np.asarray(jnp.argmax(logits[:, position], -1)))
+            tokens[:, position + 1] = next_token
+            done |= next_token == EOS_ID
+            if done.all():
+                break
+        return [self.vocab.decode(row) for row in tokens]
 
 
 # --- metrics ----------------------------------------------------------------------------------
@@ -1137,7 +1298,7 @@ def abstract(tree: Any) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
 
 
-def load_predictor(path: str) -> Predictor:
+def load_predictor(path: str, length_penalty: float = 0.7) -> Predictor:
     """Rebuild model, parameters, vocabulary and image settings from a checkpoint alone (its
     best step)."""
     directory = find_checkpoint_dir(path)
@@ -1149,7 +1310,7 @@ def load_predictor(path: str) -> Predictor:
     model = LatexOCR(cfg)
     target = abstract(jax.eval_shape(lambda: init_params(model, 0)))
     params = restore_items(directory, step, {"params": target})["params"]
-    return Predictor(model, params, vocab, data)
+    return Predictor(model, params, vocab, data, length_penalty)
 
 
 def check_compatible(metadata: dict, cfg: ModelConfig, vocab: Vocabulary, where: Path) -> None:
@@ -1187,8 +1348,9 @@ def is_better(metric: str, new: float, old: float | None) -> bool:
     return new > old if METRIC_DIRECTIONS[metric] == "max" else new < old
 
 
-def evaluate_dataset(predictor: Predictor, dataset: Dataset, batch_size: int, progress: bool = False):
-    hypotheses = predictor.decode_dataset(dataset, batch_size, progress)
+def evaluate_dataset(predictor: Predictor, dataset: Dataset, batch_size: int, beam_width: int = 1,
+                     progress: bool = False):
+    hypotheses = predictor.decode_dataset(dataset, batch_size, beam_width, progress)
     references = [example.caption for example in dataset.examples]
     return compute_metrics(references, hypotheses), hypotheses
 
@@ -1381,7 +1543,7 @@ def command_train(args, config: Config) -> int:
 
 def command_eval(args, config: Config) -> int:
     evaluation = config.evaluation
-    predictor = load_predictor(args.checkpoint or evaluation.checkpoint_path)
+    predictor = load_predictor(args.checkpoint or evaluation.checkpoint_path, evaluation.length_penalty)
     split_path = getattr(config.data, f"{evaluation.split}_split")
     # Split paths come from the config; image preprocessing from the checkpoint it was trained with.
     paths = dataclasses.replace(predictor.data, image_base_dir=config.data.image_base_dir)
@@ -1391,10 +1553,11 @@ def command_eval(args, config: Config) -> int:
         raise UserError(f"no usable examples in {split_path}")
     dataset = Dataset(examples, predictor.data)
     start = time.perf_counter()
-    metrics, hypotheses = evaluate_dataset(predictor, dataset, evaluation.batch_size, progress=not args.quiet)
+    metrics, hypotheses = evaluate_dataset(predictor, dataset, evaluation.batch_size, evaluation.decode_width,
+                                           progress=not args.quiet)
     seconds = time.perf_counter() - start
     table = format_metrics(metrics)
-    header = f"{split_path}: {len(examples)} images, {evaluation.generation_method}, {seconds:.1f} s"
+    header = f"{split_path}: {len(examples)} images, {evaluation.describe_decoding()}, {seconds:.1f} s"
     print(header + "\n" + table)
     out = Path(evaluation.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -1406,9 +1569,20 @@ def command_eval(args, config: Config) -> int:
     return 0
 
 
+def decoding_options(args, config: Config) -> Config:
+    """`--beam N` and `--length-penalty X` as evaluation config overrides (checked the same way)."""
+    options: dict[str, Any] = {}
+    if args.beam is not None:
+        options.update(generation_method="beam" if args.beam != 1 else "greedy", beam_width=args.beam)
+    if args.length_penalty is not None:
+        options["length_penalty"] = args.length_penalty
+    return apply_overrides(config, {"evaluation": options})
+
+
 def command_predict(args, config: Config) -> int:
     start = time.perf_counter()
-    predictor = load_predictor(args.checkpoint or config.evaluation.checkpoint_path)
+    evaluation = decoding_options(args, config).evaluation
+    predictor = load_predictor(args.checkpoint or evaluation.checkpoint_path, evaluation.length_penalty)
     load_seconds = time.perf_counter() - start
     canvases, names, failures = [], [], 0
     for path in args.images:
@@ -1419,14 +1593,15 @@ def command_predict(args, config: Config) -> int:
             print(f"latexocr: error: {error}", file=sys.stderr)
             failures += 1
     decode_start = time.perf_counter()
-    results = predictor.predict_images(canvases)
+    results = predictor.predict_images(canvases, evaluation.decode_width)
     decode_seconds = time.perf_counter() - decode_start
     if args.json:
         print(json.dumps({"load_seconds": round(load_seconds, 3), "decode_seconds": round(decode_seconds, 3),
-                          "predictions": [{"image": n, "latex": detokenize(t), "tokens": t}
-                                          for n, t in zip(names, results)]}, ensure_ascii=False))
+                          "decoding": evaluation.describe_decoding(),
+                          "predictions": [{"image": n, "latex": detokenize(t), "tokens": t, "score": round(score, 4)}
+                                          for n, (t, score) in zip(names, results)]}, ensure_ascii=False))
     else:
-        for tokens in results:
+        for tokens, _ in results:
             print(detokenize(tokens))
     return 1 if failures else 0
 
@@ -1470,7 +1645,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = add("predict", "print the LaTeX of each image")
     sub.add_argument("images", nargs="+", help="image files")
     sub.add_argument("--checkpoint", help="run or checkpoint directory (default: evaluation.checkpoint_path)")
-    sub.add_argument("--json", action="store_true", help="machine-readable output with timings")
+    sub.add_argument("--beam", type=int, metavar="N",
+                     help="beam search with N beams (1 = greedy; default: evaluation.generation_method)")
+    sub.add_argument("--length-penalty", type=float, metavar="X",
+                     help="beams compare log-probability / length ** X (default: evaluation.length_penalty)")
+    sub.add_argument("--json", action="store_true",
+                     help="machine-readable output with timings and each answer's length-normalised log-probability")
     sub.set_defaults(run=command_predict)
     return parser
 

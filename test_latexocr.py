@@ -1,6 +1,8 @@
 """Tests for latexocr.py: run with `python -m pytest -q test_latexocr.py`."""
 
+import dataclasses
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -274,7 +276,7 @@ def test_decoder_is_causal(tiny_model):
 def test_greedy_decoding_agrees_with_stepwise_argmax(tiny_model):
     model, params = tiny_model
     images = jnp.asarray(np.random.default_rng(1).random((2, 32, 128, 1), np.float32))
-    decoded = np.asarray(jax.jit(lambda p, x: L.greedy_decode(model, p, x))(params, images))
+    decoded = np.asarray(jax.jit(lambda p, x: L.greedy_decode(model, p, x))(params, images)[0])
     prefix = jnp.asarray(decoded[:, :6])
     logits = model.apply({"params": params}, images, prefix)
     expected = np.asarray(jnp.argmax(logits, -1))
@@ -283,6 +285,104 @@ def test_greedy_decoding_agrees_with_stepwise_argmax(tiny_model):
             if decoded[row, position] in (L.EOS_ID, L.PAD_ID):
                 break
             assert decoded[row, position + 1] == expected[row, position]
+
+
+@pytest.fixture(scope="module")
+def ending_model(tiny_model):
+    """The random tiny model with <EOS> made likelier, so that its sequences end at many
+    different lengths and beams finish at different steps; positions cut to 32 to keep it quick."""
+    model, params = tiny_model
+    head = {**params["head"], "bias": params["head"]["bias"].at[L.EOS_ID].add(2.0)}
+    short = L.LatexOCR(dataclasses.replace(model.cfg, max_seq_len=32))
+    images = jnp.asarray(np.random.default_rng(0).random((8, 32, 128, 1), np.float32))
+    return short, {**params, "head": head, "position_embed": params["position_embed"][:32]}, images
+
+
+@pytest.fixture(scope="module")
+def decoders(ending_model):
+    model, params, _ = ending_model
+    greedy = jax.jit(lambda x: L.greedy_decode(model, params, x))
+    beam = jax.jit(lambda x, width: L.beam_search(model, params, x, width, 0.7), static_argnums=1)
+    return greedy, beam
+
+
+def teacher_forced_score(model, params, image, tokens, length_penalty=0.7):
+    """Length-normalised log-probability of a decoded row [max_seq_len], from one full causal
+    forward pass over the padded row (later <PAD> inputs cannot change earlier logits)."""
+    logits = jax.jit(model.apply)({"params": params}, image[None], jnp.asarray(tokens[None, :-1]))[0]
+    targets = jnp.asarray(tokens[1:])
+    per_token = jnp.take_along_axis(jax.nn.log_softmax(logits), targets[:, None], 1)[:, 0]
+    length = int(np.sum(tokens[1:] != L.PAD_ID))
+    return float(jnp.sum(jnp.where(targets != L.PAD_ID, per_token, 0.0))) / length ** length_penalty
+
+
+def test_beam_width_one_is_greedy(ending_model, decoders):
+    _, _, images = ending_model
+    greedy, beam = decoders
+    np.testing.assert_array_equal(beam(images, 1)[0], greedy(images)[0])
+
+
+@pytest.mark.parametrize("width", [2, 3, 5])
+def test_beam_never_scores_below_greedy_and_reports_true_scores(ending_model, decoders, width):
+    model, params, images = ending_model
+    greedy, beam = decoders
+    greedy_tokens, greedy_log_prob = greedy(images)
+    greedy_scores = L.length_normalised(greedy_log_prob, L.sequence_lengths(greedy_tokens), 0.7)
+    tokens, scores = beam(images, width)
+    assert np.all(np.asarray(scores) >= np.asarray(greedy_scores) - 1e-5)
+    assert np.any(np.asarray(scores) > np.asarray(greedy_scores) + 1e-3)
+    for image, row, score in zip(images, np.asarray(tokens), np.asarray(scores)):
+        if L.EOS_ID in row:
+            assert teacher_forced_score(model, params, image, row) == pytest.approx(float(score), abs=1e-4)
+
+
+def test_finished_beams_are_not_extended(ending_model, decoders):
+    """After <EOS> only <PAD> follows, and a hypothesis that finished early keeps exactly the
+    score of its own tokens (checked above) while other beams run on."""
+    _, _, images = ending_model
+    _, beam = decoders
+    tokens = np.asarray(beam(images, 3)[0])
+    lengths = []
+    for row in tokens:
+        end = list(row).index(L.EOS_ID)
+        assert np.all(row[end + 1:] == L.PAD_ID)
+        lengths.append(end)
+    assert len(set(lengths)) > 1
+
+
+def test_beam_batch_equals_one_by_one(ending_model, decoders):
+    _, _, images = ending_model
+    _, beam = decoders
+    tokens, scores = beam(images, 3)
+    for i in range(4):
+        one_tokens, one_score = beam(images[i:i + 1], 3)
+        np.testing.assert_array_equal(one_tokens[0], tokens[i])
+        assert float(one_score[0]) == pytest.approx(float(scores[i]), abs=1e-5)
+
+
+def test_sampling_follows_the_model_distribution(ending_model, decoders):
+    model, params, images = ending_model
+    greedy, _ = decoders
+    rows = jnp.repeat(images[:1], 300, axis=0)
+    sample = jax.jit(lambda key, t: L.sample_decode(model, params, rows, key, t))
+    tokens, log_prob = sample(jax.random.PRNGKey(1), 1.0)
+    np.testing.assert_array_equal(tokens, sample(jax.random.PRNGKey(1), 1.0)[0])
+    first = jax.nn.softmax(model.apply({"params": params}, images[:1], jnp.asarray([[L.SOS_ID]]))[0, 0])
+    for token in (int(jnp.argmax(first)), L.EOS_ID):
+        p, n = float(first[token]), rows.shape[0]
+        assert abs(float(np.mean(np.asarray(tokens[:, 1]) == token)) - p) < 4 * math.sqrt(p * (1 - p) / n)
+    row = np.asarray(tokens[0])
+    if L.EOS_ID in row:
+        expected = teacher_forced_score(model, params, images[0], row, length_penalty=0.0)
+        assert expected == pytest.approx(float(log_prob[0]), abs=1e-3)
+    cold, _ = sample(jax.random.PRNGKey(2), 1e-3)
+    np.testing.assert_array_equal(cold[:1], greedy(images[:1])[0])
+
+
+def test_uncached_reference_decoder_agrees_with_cached_greedy(ending_model):
+    model, params, images = ending_model
+    predictor = L.Predictor(model, params, L.load_vocabulary(DATA / "vocab.json"), L.DataConfig())
+    assert predictor.decode_batch_uncached(np.asarray(images[:3])) == predictor.decode_batch(np.asarray(images[:3]))[0]
 
 
 # --- metrics (hand-worked) ----------------------------------------------------------------------
@@ -319,7 +419,7 @@ def test_tiny_model_overfits_eight_real_images_and_decodes_them_exactly(overfit_
     predictor = L.load_predictor(str(run_dir))
     examples, _ = L.load_split(eight_examples, L.DataConfig(image_base_dir=str(DATA / "images")), vocab)
     canvases = [L.preprocess_image(L.open_image(e.image_path), predictor.data) for e in examples]
-    predictions = predictor.predict_images(canvases)
+    predictions = [tokens for tokens, _ in predictor.predict_images(canvases)]
     assert predictions == [e.caption for e in examples]
     assert summary["metrics"]["exact_match"] == 100.0
 
@@ -468,6 +568,22 @@ def test_cli_train_eval_predict(overfit_run, eight_examples, tmp_path, capsys, v
     assert code == 0 and json.loads(out.splitlines()[-1])["step"] == 2
 
 
+def test_cli_beam_search_predicts_and_evaluates(overfit_run, eight_examples, tmp_path, capsys):
+    run_dir, _ = overfit_run
+    entries = list(json.loads(eight_examples.read_text()).values())
+    images = [DATA / "images" / e["img_path"] for e in entries[:3]]
+    code, out, _ = run_main(["predict", *images, "--checkpoint", run_dir, "--beam", 3, "--json"], capsys)
+    result = json.loads(out)
+    assert code == 0 and result["decoding"] == "beam 3, length penalty 0.7"
+    assert [p["latex"] for p in result["predictions"]] == [e["caption"] for e in entries[:3]]
+    assert all(p["score"] <= 0 for p in result["predictions"])
+    code, out, _ = run_main(["eval", "--checkpoint", run_dir, "--quiet", "--set", f"data.test_split={eight_examples}",
+                             "--set", "evaluation.generation_method=beam", "--set", "evaluation.beam_width=2",
+                             "--set", f"evaluation.output_dir={tmp_path}"], capsys)
+    assert code == 0 and "beam 2, length penalty 0.7" in out
+    assert json.loads((tmp_path / "predictions.json").read_text())["metrics"]["exact_match"] == 100.0
+
+
 def test_predict_uses_the_shipped_default_model(capsys):
     code, out, err = run_main(["predict", DATA / "images" / "1015942522.png", "--json"], capsys)
     assert code == 0, err
@@ -502,6 +618,8 @@ def bad_files(tmp_path_factory):
     (["predict", "{bad}/blank.png", "--checkpoint", "{run}"], "no visible formula"),
     (["predict", "{data}/images/1015942522.png", "--checkpoint", "{bad}/nowhere"], "checkpoint not found"),
     (["predict", "{data}/images/1015942522.png", "--checkpoint", "{bad}"], "no checkpoint steps"),
+    (["predict", "{data}/images/1015942522.png", "--beam", "0"], "evaluation.beam_width must be at least 1"),
+    (["eval", "--set", "evaluation.generation_method=sample"], "generation_method must be 'greedy' or 'beam'"),
     (["train", "--config", "{bad}/missing.yaml"], "config file not found"),
     (["train", "--config", "{bad}/unknown_key.yaml"], "unknown config key 'training.learning_rate'"),
     (["train", "--set", "training.batch_size=0"], "training.batch_size must be positive"),
