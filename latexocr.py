@@ -983,7 +983,8 @@ def sequence_lengths(tokens: jax.Array) -> jax.Array:
 def beam_search(model: LatexOCR, params: Any, images: jax.Array, beam_width: int,
                 length_penalty: float) -> tuple[jax.Array, jax.Array]:
     """Batched beam search over the KV cache in one lax.while_loop, which stops when every beam
-    of every image has emitted <EOS> (or at max_seq_len). Returns the best hypothesis per image,
+    of every image has emitted <EOS> or can no longer beat the best finished one (or at
+    max_seq_len). Returns the best hypothesis per image,
     tokens [B, max_seq_len], and its length-normalised score [B].
 
     Beams are ranked by summed log-probability. A finished beam stays in its slot, extended only
@@ -1009,7 +1010,12 @@ def beam_search(model: LatexOCR, params: Any, images: jax.Array, beam_width: int
     )
 
     def keep_going(s):
-        return (s["position"] < length - 1) & ~jnp.all(s["done"])
+        # A live beam's score can only fall, so its best possible outcome is its current
+        # log-probability spread over the longest possible length; once that cannot beat the
+        # best finished hypothesis (and the greedy path has ended), it is dropped.
+        hopeful = ~s["done"] & (s["log_prob"] / float(length - 1) ** length_penalty > s["best_score"][:, None])
+        searching = jnp.any(hopeful, axis=1) | s["on_greedy_path"]
+        return (s["position"] < length - 1) & jnp.any(searching)
 
     def step(s):
         position = s["position"]
@@ -1079,8 +1085,9 @@ class Predictor:
 
     def predict_images(self, canvases: Sequence[np.ndarray], beam_width: int = 1,
                        batch_size: int = 16) -> list[tuple[list[str], float]]:
-        """Decode preprocessed canvases of any bucket shapes, batching same-shape ones.
-        Returns (tokens, score) per canvas, in order."""
+        """Decode preprocessed canvases of any bucket shapes, batching same-shape ones. A short
+        batch is padded to a power of two so that few batch sizes compile. Returns (tokens,
+        score) per canvas, in order."""
         results: list[tuple[list[str], float]] = [([], 0.0) for _ in canvases]
         by_shape: dict[tuple[int, int], list[int]] = collections.defaultdict(list)
         for i, canvas in enumerate(canvases):
@@ -1088,7 +1095,8 @@ class Predictor:
         for members in by_shape.values():
             for start in range(0, len(members), batch_size):
                 chunk = members[start: start + batch_size]
-                tokens, scores = self.decode_batch(np.stack([canvases[i] for i in chunk])[..., None], beam_width)
+                padded = chunk + chunk[-1:] * (min(batch_size, 1 << (len(chunk) - 1).bit_length()) - len(chunk))
+                tokens, scores = self.decode_batch(np.stack([canvases[i] for i in padded])[..., None], beam_width)
                 for i, row, score in zip(chunk, tokens, scores):
                     results[i] = (row, float(score))
         return results
@@ -1488,6 +1496,138 @@ def enable_compilation_cache() -> None:
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
+def median_seconds(function, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def timed_predict_process(image: Path, checkpoint: str, cache_dir: str) -> tuple[float, float]:
+    """Wall seconds from process start to the printed answer of a one-image `predict`, and the
+    process's peak resident memory in MB."""
+    import subprocess
+    import tempfile
+
+    env = {**os.environ, "LATEXOCR_CACHE_DIR": cache_dir}
+    with tempfile.TemporaryFile() as errors:
+        start = time.perf_counter()
+        process = subprocess.Popen([sys.executable, str(MODULE_DIR / "latexocr.py"), "predict", str(image),
+                                    "--checkpoint", checkpoint], stdout=subprocess.DEVNULL, stderr=errors, env=env)
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - start
+        process.returncode = os.waitstatus_to_exitcode(status)
+        if process.returncode != 0:
+            errors.seek(0)
+            raise UserError(f"bench: predict of {image} failed: {errors.read().decode(errors='replace').strip()}")
+    # ru_maxrss is in kilobytes on Linux.
+    return seconds, usage.ru_maxrss / 1024
+
+
+BENCH_TARGETS = {  # for the `small` model on a 2-core CPU: (direction, value)
+    "cold_predict_warm_cache_s": ("<=", 3.0), "greedy_ms": ("<=", 100.0), "beam5_ms": ("<=", 500.0),
+    "predict_peak_rss_mb": ("<=", 500.0), "kv_cache_speedup": (">=", 5.0),
+}
+
+
+def bench(predictor: Predictor, checkpoint: str, images: list[Path], repeats: int, long_images: int,
+          progress: bool) -> dict[str, Any]:
+    """Speed and memory of decoding with one model on the given images (see `command_bench`)."""
+    import resource
+    import tempfile
+    from tqdm import tqdm
+
+    def each(items, desc):
+        return tqdm(items, desc=desc, disable=not progress, leave=False)
+
+    results: dict[str, Any] = {"images": len(images), "device": jax.devices()[0].device_kind,
+                               "params": count_params(predictor.params)}
+    with tempfile.TemporaryDirectory() as scratch:
+        cold, warm, rss = [], [], []
+        for run in each(range(repeats), "cold predict"):
+            cache = str(Path(scratch) / f"cache{run}")
+            seconds, peak = timed_predict_process(images[0], checkpoint, cache)
+            cold.append(seconds)
+            rss.append(peak)
+            seconds, peak = timed_predict_process(images[0], checkpoint, cache)
+            warm.append(seconds)
+            rss.append(peak)
+    results.update(cold_predict_empty_cache_s=float(np.median(cold)), cold_predict_warm_cache_s=float(np.median(warm)),
+                   predict_peak_rss_mb=float(np.max(rss)))
+
+    start = time.perf_counter()
+    canvases = [preprocess_image(open_image(path), predictor.data, str(path)) for path in images]
+    results["preprocess_ms"] = 1000 * (time.perf_counter() - start) / len(images)
+    encode = jax.jit(lambda p, x: start_decoding(predictor.model, p, x))
+    batch_of_one = [canvas[None, ..., None] for canvas in canvases]
+    for image in each(batch_of_one, "compiling"):  # every shape used, once per decoder
+        jax.block_until_ready(encode(predictor.params, image))
+        predictor.decode_batch(image, 1)
+        predictor.decode_batch(image, 5)
+    per_image = {"encoder": [], "greedy": [], "beam5": []}
+    lengths = []
+    for image in each(batch_of_one, "batch 1"):
+        per_image["encoder"].append(median_seconds(
+            lambda: jax.block_until_ready(encode(predictor.params, image)), repeats))
+        per_image["greedy"].append(median_seconds(lambda: predictor.decode_batch(image, 1), repeats))
+        per_image["beam5"].append(median_seconds(lambda: predictor.decode_batch(image, 5), repeats))
+        lengths.append(len(predictor.decode_batch(image, 1)[0][0]))
+    results.update({f"{name}_ms": 1000 * float(np.median(times)) for name, times in per_image.items()})
+    results["encoder_share_of_greedy"] = float(np.median(np.array(per_image["encoder"]) / np.array(per_image["greedy"])))
+    results["greedy_tokens_median"] = float(np.median(lengths))
+
+    predictor.predict_images(canvases, batch_size=32)
+    seconds = median_seconds(lambda: predictor.predict_images(canvases, batch_size=32), repeats)
+    results["throughput_batch32_images_per_s"] = len(canvases) / seconds
+
+    long = [image for image, length in zip(batch_of_one, lengths) if length >= 100][:long_images]
+    results["long_images"] = len(long)
+    if long:
+        for image in long:
+            predictor.decode_batch_uncached(image)
+        cached = [median_seconds(lambda: predictor.decode_batch(image, 1), repeats) for image in each(long, "cached")]
+        uncached = [median_seconds(lambda: predictor.decode_batch_uncached(image), repeats)
+                    for image in each(long, "no cache")]
+        results.update(long_cached_ms=1000 * float(np.median(cached)), long_uncached_ms=1000 * float(np.median(uncached)),
+                       kv_cache_speedup=float(np.median(np.array(uncached) / np.array(cached))))
+    results["bench_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return results
+
+
+BENCH_ROWS = [
+    ("cold_predict_empty_cache_s", "cold predict, 1 image, empty compile cache", "{:.2f} s"),
+    ("cold_predict_warm_cache_s", "cold predict, 1 image, warm compile cache", "{:.2f} s"),
+    ("predict_peak_rss_mb", "peak resident memory of that predict", "{:.0f} MB"),
+    ("preprocess_ms", "image preprocessing per image", "{:.1f} ms"),
+    ("greedy_ms", "greedy, batch 1, per image (warm)", "{:.1f} ms"),
+    ("encoder_ms", "  of which encoder", "{:.1f} ms"),
+    ("greedy_tokens_median", "  tokens per answer", "{:.0f}"),
+    ("beam5_ms", "beam 5, batch 1, per image (warm)", "{:.1f} ms"),
+    ("throughput_batch32_images_per_s", "greedy, batch 32, throughput", "{:.1f} images/s"),
+    ("long_uncached_ms", "greedy without KV cache, 100+ token answers", "{:.1f} ms"),
+    ("long_cached_ms", "greedy with KV cache, same images", "{:.1f} ms"),
+    ("kv_cache_speedup", "KV cache speed-up (median of per-image ratios)", "{:.1f}x"),
+    ("bench_peak_rss_mb", "peak resident memory of this benchmark", "{:.0f} MB"),
+]
+
+
+def format_bench(results: dict[str, Any]) -> str:
+    lines = [f"{results['images']} images, {results['params'] / 1e6:.1f} M parameters, {results['device']}",
+             f"{'measure':<48} {'median':>14}  target (small, 2-core CPU)"]
+    for key, label, fmt in BENCH_ROWS:
+        if key not in results:
+            continue
+        target = ""
+        if key in BENCH_TARGETS:
+            direction, value = BENCH_TARGETS[key]
+            met = results[key] <= value if direction == "<=" else results[key] >= value
+            target = f"{direction} {value:g}  {'met' if met else 'missed'}"
+        lines.append(f"{label:<48} {fmt.format(results[key]):>14}  {target}")
+    return "\n".join(lines)
+
+
 def command_prepare(args, config: Config) -> int:
     out = Path(args.out)
     if args.csv:
@@ -1606,6 +1746,23 @@ def command_predict(args, config: Config) -> int:
     return 1 if failures else 0
 
 
+def command_bench(args, config: Config) -> int:
+    if args.images < 1 or args.repeats < 1 or args.long_images < 0:
+        raise UserError("--images and --repeats must be at least 1, --long-images at least 0")
+    evaluation = config.evaluation
+    checkpoint = args.checkpoint or evaluation.checkpoint_path
+    predictor = load_predictor(checkpoint, evaluation.length_penalty)
+    paths = dataclasses.replace(predictor.data, image_base_dir=config.data.image_base_dir)
+    examples, _ = load_split(config.data.test_split, paths, predictor.vocab)
+    if not examples:
+        raise UserError(f"no usable images in {config.data.test_split}")
+    images = [example.image_path for example in examples[: args.images]]
+    results = bench(predictor, str(find_checkpoint_dir(checkpoint)), images, args.repeats, args.long_images,
+                    progress=not args.quiet)
+    print(json.dumps(results) if args.json else format_bench(results))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="latexocr.py", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -1652,6 +1809,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--json", action="store_true",
                      help="machine-readable output with timings and each answer's length-normalised log-probability")
     sub.set_defaults(run=command_predict)
+
+    sub = add("bench", "time and measure decoding on the test split's images (default: the shipped model)")
+    sub.add_argument("--checkpoint", help="run or checkpoint directory (default: evaluation.checkpoint_path)")
+    sub.add_argument("--images", type=int, default=100, help="how many test images (default 100)")
+    sub.add_argument("--repeats", type=int, default=3,
+                     help="runs of each timing, and of each cold start (default 3); medians are reported")
+    sub.add_argument("--long-images", type=int, default=10,
+                     help="images with 100+ token answers to time with and without the KV cache (default 10)")
+    sub.add_argument("--json", action="store_true", help="print the numbers as JSON instead of a table")
+    sub.add_argument("--quiet", action="store_true", help="no progress bar")
+    sub.set_defaults(run=command_bench)
     return parser
 
 
