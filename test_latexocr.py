@@ -273,18 +273,25 @@ def test_decoder_is_causal(tiny_model):
     assert np.abs(logits_at_3(tokens.at[0, 2].set(20)) - logits_at_3(tokens)).max() > 1e-3
 
 
-def test_greedy_decoding_agrees_with_stepwise_argmax(tiny_model):
+def test_greedy_decoding_agrees_with_full_forward_argmax(tiny_model):
+    """The random tiny model never emits <EOS>, so this runs to max_seq_len through every
+    lengthening of the cache (64, 128, 256)."""
     model, params = tiny_model
     images = jnp.asarray(np.random.default_rng(1).random((2, 32, 128, 1), np.float32))
-    decoded = np.asarray(jax.jit(lambda p, x: L.greedy_decode(model, p, x))(params, images)[0])
-    prefix = jnp.asarray(decoded[:, :6])
-    logits = model.apply({"params": params}, images, prefix)
-    expected = np.asarray(jnp.argmax(logits, -1))
-    for row in range(2):
-        for position in range(5):
-            if decoded[row, position] in (L.EOS_ID, L.PAD_ID):
-                break
-            assert decoded[row, position + 1] == expected[row, position]
+    decoded, log_prob = jax.jit(lambda p, x: L.greedy_decode(model, p, x))(params, images)
+    assert np.all(np.asarray(decoded) != L.PAD_ID)
+    logits = model.apply({"params": params}, images, decoded[:, :-1])
+    np.testing.assert_array_equal(np.asarray(jnp.argmax(logits, -1)), np.asarray(decoded[:, 1:]))
+    expected = jnp.take_along_axis(jax.nn.log_softmax(logits), decoded[:, 1:, None], 2).sum((1, 2))
+    np.testing.assert_allclose(log_prob, expected, rtol=1e-4)
+
+
+def test_beam_scores_hold_across_cache_segments(tiny_model):
+    model, params = tiny_model
+    images = jnp.asarray(np.random.default_rng(1).random((2, 32, 128, 1), np.float32))
+    tokens, scores = jax.jit(lambda x: L.beam_search(model, params, x, 2, 0.7))(images)
+    for image, row, score in zip(images, np.asarray(tokens), np.asarray(scores)):
+        assert teacher_forced_score(model, params, image, row) == pytest.approx(float(score), abs=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -582,6 +589,19 @@ def test_cli_beam_search_predicts_and_evaluates(overfit_run, eight_examples, tmp
                              "--set", f"evaluation.output_dir={tmp_path}"], capsys)
     assert code == 0 and "beam 2, length penalty 0.7" in out
     assert json.loads((tmp_path / "predictions.json").read_text())["metrics"]["exact_match"] == 100.0
+
+
+def test_cli_bench_reports_every_measure(overfit_run, eight_examples, capsys):
+    run_dir, _ = overfit_run
+    code, out, err = run_main(["bench", "--checkpoint", run_dir, "--images", 2, "--repeats", 1, "--json", "--quiet",
+                               "--set", f"data.test_split={eight_examples}"], capsys)
+    assert code == 0, err
+    results = json.loads(out)
+    assert results["images"] == 2 and results["long_images"] == 0
+    for key, _, _ in L.BENCH_ROWS:
+        if not key.startswith("long") and key != "kv_cache_speedup":
+            assert results[key] > 0, key
+    assert "greedy, batch 1, per image" in L.format_bench(results)
 
 
 def test_predict_uses_the_shipped_default_model(capsys):
