@@ -1370,10 +1370,10 @@ class RunLog:
             print(f"[{event}] {shown}", file=sys.stderr)
 
 
-def is_better(metric: str, new: float, old: float | None) -> bool:
+def is_better(maximize: bool, new: float, old: float | None) -> bool:
     if old is None:
         return True
-    return new > old if METRIC_DIRECTIONS[metric] == "max" else new < old
+    return new > old if maximize else new < old
 
 
 def evaluate_dataset(predictor: Predictor, dataset: Dataset, batch_size: int, beam_width: int = 1,
@@ -1383,33 +1383,43 @@ def evaluate_dataset(predictor: Predictor, dataset: Dataset, batch_size: int, be
     return compute_metrics(references, hypotheses), hypotheses
 
 
-def train(config: Config, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train from config; returns the final summary. Checkpoints: `<dir>/<step>` (latest, with
-    optimizer state) and `<dir>/best/<step>` (parameters only, best validation metric)."""
-    from tqdm import tqdm
+@dataclasses.dataclass
+class Trainee:
+    """What `run_training` needs from one kind of training: OCR with cross-entropy, or
+    pretraining the feature extractor."""
 
-    training, data = config.training, config.data
-    vocab = load_vocabulary(data.vocab_path)
-    cfg = model_config(config, len(vocab))
-    run_dir = Path(training.checkpoint_dir).expanduser()
+    params: Any
+    make_step: Any  # optimizer -> jitted (params, opt_state, batch, key) -> (params, opt_state, metrics)
+    batches: Any  # a BatchStream
+    validate: Any  # params -> metrics dict, or None without validation data
+    primary_metric: str
+    maximize: bool
+    metadata: Any  # extra dict -> checkpoint metadata
+    check_resume: Any  # (metadata, where) -> None, raising UserError when incompatible
+    start_info: dict
+
+
+def refuse_to_overwrite(run_dir: Path, resume: bool) -> None:
     if run_dir.is_dir() and checkpoint_steps(run_dir) and not resume:
         raise UserError(f"{run_dir} already holds a training run; pass --resume to continue it "
-                        "or choose another training.checkpoint_dir")
+                        "or choose another checkpoint folder")
+
+
+def run_training(trainee: Trainee, config: Config, run_dir: Path, resume: bool, progress: bool,
+                 notes: Sequence[str] = ()) -> dict[str, Any]:
+    """The training loop shared by `train` and `pretrain`. Checkpoints: `<run_dir>/<step>`
+    (latest, with optimizer state) and `<run_dir>/best/<step>` (parameters only, best
+    validation metric). Returns the final summary."""
+    from tqdm import tqdm
+
+    training = config.training
+    refuse_to_overwrite(run_dir, resume)
     run_dir.mkdir(parents=True, exist_ok=True)
     log = RunLog(run_dir / "train.log")
-
-    train_examples, train_report = load_split(data.train_split, data, vocab)
-    val_examples, val_report = load_split(data.validate_split, data, vocab)
-    for report in (train_report, val_report):
-        log.write("data", summary=report.summary())
-    if not train_examples:
-        raise UserError(f"no usable training examples in {data.train_split}")
-    train_set = Dataset(train_examples, data)
-    val_set = Dataset(val_examples[: training.val_samples], data) if val_examples else None
-
-    model = LatexOCR(cfg)
+    for note in notes:
+        log.write("data", summary=note)
     optimizer = make_optimizer(training)
-    params = init_params(model, training.seed)
+    params = trainee.params
     opt_state = optimizer.init(params)
     manager = checkpoint_manager(run_dir, training.keep_checkpoints)
     best_manager = checkpoint_manager(run_dir / "best", 1)
@@ -1417,18 +1427,16 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> dict[s
     if resume and manager.latest_step() is not None:
         step = manager.latest_step()
         metadata = read_metadata(run_dir, step)
-        check_compatible(metadata, cfg, vocab, run_dir / str(step))
+        trainee.check_resume(metadata, run_dir / str(step))
         restored = restore_items(run_dir, step, {"params": abstract(params), "opt_state": abstract(opt_state)})
         params, opt_state = restored["params"], restored["opt_state"]
         best = metadata.get("best_metric")
         log.write("resume", step=step)
-    log.write("start", params=count_params(params), model=config.model.size, batch_size=training.batch_size,
-              accum=training.grad_accum_steps, train_examples=len(train_set))
+    log.write("start", params=count_params(params), batch_size=training.batch_size,
+              accum=training.grad_accum_steps, **trainee.start_info)
 
-    train_step = make_train_step(model, optimizer, training.label_smoothing)
+    train_step = trainee.make_step(optimizer)
     schedule = lr_schedule(training)
-    batches = TrainBatches(train_set, training.batch_size, training.seed, training.augment)
-    predictor = Predictor(LatexOCR(dataclasses.replace(cfg, dtype="float32")), params, vocab, data)
     base_key = jax.random.PRNGKey(training.seed)
     total_micro_steps = training.total_steps * training.grad_accum_steps
     deadline = time.monotonic() + training.max_minutes * 60 if training.max_minutes else math.inf
@@ -1448,30 +1456,27 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> dict[s
         rate = len(window) * training.batch_size / (time.monotonic() - window_start)
         lr = float(schedule(step // training.grad_accum_steps))
         bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
-        log.write("train", console=False, step=step, loss=values["loss"], grad_norm=values["grad_norm"],
-                  lr=lr, samples_per_s=rate)
+        log.write("train", console=False, step=step, **values, lr=lr, samples_per_s=rate)
         window, window_start = [], time.monotonic()
 
     def save(step: int) -> None:
         extra = {"step": step, "best_metric": best, "config": dataclasses.asdict(config)}
-        save_checkpoint(manager, step, params, checkpoint_metadata(cfg, vocab, data, extra), opt_state)
+        save_checkpoint(manager, step, params, trainee.metadata(extra), opt_state)
 
     def validate(step: int) -> None:
         nonlocal best, last_metrics
-        if val_set is None:
+        if trainee.validate is None:
             return
-        predictor.params = params
-        last_metrics, _ = evaluate_dataset(predictor, val_set, config.evaluation.batch_size)
-        metric = config.evaluation.primary_metric
+        last_metrics = trainee.validate(params)
         log.write("validate", step=step, **{k: round(v, 3) for k, v in last_metrics.items()})
-        if is_better(metric, last_metrics[metric], best):
-            best = last_metrics[metric]
+        if is_better(trainee.maximize, last_metrics[trainee.primary_metric], best):
+            best = last_metrics[trainee.primary_metric]
             extra = {"step": step, "metrics": last_metrics, "config": dataclasses.asdict(config)}
-            save_checkpoint(best_manager, step, to_storage(params), checkpoint_metadata(cfg, vocab, data, extra))
+            save_checkpoint(best_manager, step, to_storage(params), trainee.metadata(extra))
 
     bar = tqdm(total=total_micro_steps, initial=step, disable=not progress, dynamic_ncols=True)
     prefetch = concurrent.futures.ThreadPoolExecutor(1)
-    stream = batches.iterate(step, prefetch)
+    stream = trainee.batches.iterate(step, prefetch)
     try:
         while step < total_micro_steps and time.monotonic() < deadline:
             batch = next(stream)
@@ -1503,6 +1508,40 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> dict[s
     summary = {"step": step, "best_metric": best, "metrics": last_metrics, "checkpoint_dir": str(run_dir)}
     log.write("done", **{k: v for k, v in summary.items() if k != "metrics"})
     return summary
+
+
+def train(config: Config, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train the OCR model with cross-entropy from config; returns the final summary."""
+    training, data = config.training, config.data
+    vocab = load_vocabulary(data.vocab_path)
+    cfg = model_config(config, len(vocab))
+    run_dir = Path(training.checkpoint_dir).expanduser()
+    refuse_to_overwrite(run_dir, resume)
+    train_examples, train_report = load_split(data.train_split, data, vocab)
+    val_examples, val_report = load_split(data.validate_split, data, vocab)
+    if not train_examples:
+        raise UserError(f"no usable training examples in {data.train_split}")
+    train_set = Dataset(train_examples, data)
+    val_set = Dataset(val_examples[: training.val_samples], data) if val_examples else None
+    model = LatexOCR(cfg)
+    predictor = Predictor(LatexOCR(dataclasses.replace(cfg, dtype="float32")), None, vocab, data)
+
+    def validate(params):
+        predictor.params = params
+        return evaluate_dataset(predictor, val_set, config.evaluation.batch_size)[0]
+
+    trainee = Trainee(
+        params=init_params(model, training.seed),
+        make_step=lambda optimizer: make_train_step(model, optimizer, training.label_smoothing),
+        batches=TrainBatches(train_set, training.batch_size, training.seed, training.augment),
+        validate=validate if val_set is not None else None,
+        primary_metric=config.evaluation.primary_metric,
+        maximize=METRIC_DIRECTIONS[config.evaluation.primary_metric] == "max",
+        metadata=lambda extra: checkpoint_metadata(cfg, vocab, data, extra),
+        check_resume=lambda metadata, where: check_compatible(metadata, cfg, vocab, where),
+        start_info={"model": config.model.size, "train_examples": len(train_set)})
+    return run_training(trainee, config, run_dir, resume, progress,
+                        [train_report.summary(), val_report.summary()])
 
 
 # --- commands ---------------------------------------------------------------------------------
