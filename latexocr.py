@@ -42,7 +42,7 @@ from PIL import Image, ImageFilter, UnidentifiedImageError
 MODULE_DIR = Path(__file__).resolve().parent
 PAD, SOS, EOS, UNK, CLS, SEP, MASK = "<PAD>", "<SOS>", "<EOS>", "<UNK>", "[CLS]", "[SEP]", "[MASK]"
 SPECIAL_TOKENS = (PAD, SOS, EOS, UNK, CLS, SEP, MASK)
-PAD_ID, SOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+PAD_ID, SOS_ID, EOS_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(7)
 SPLITS = ("train", "validate", "test")
 MAX_IMAGE_PIXELS = 50_000_000
 
@@ -130,11 +130,30 @@ class EvaluationConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class FeatureExtractorSection:
+    """The Transformer over LaTeX tokens whose features score formulas (pretrained by `pretrain`
+    with the `training` section's optimizer, schedule and loop)."""
+
+    size: str = "small"
+    dropout: float = 0.1
+    checkpoint_path: str = "runs/extractor"
+    # Formula sources: split JSON files (their captions) or text files with one formula a line.
+    train_formulas: tuple[str, ...] = ("data/train.json",)
+    validate_formulas: str = "data/validate.json"
+    mask_prob: float = 0.15
+    max_bracket_depth: int = 8
+    mlm_weight: float = 1.0
+    depth_weight: float = 1.0
+    pooling: str = "mean"
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     data: DataConfig = DataConfig()
     model: ModelSection = ModelSection()
     training: TrainingConfig = TrainingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+    feature_extractor: FeatureExtractorSection = FeatureExtractorSection()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +170,21 @@ class ModelConfig:
     max_rows: int
     max_cols: int
     max_seq_len: int
+    dropout: float = 0.0
+    dtype: str = "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractorConfig:
+    """Everything that fixes the feature extractor's shape; saved with its checkpoints."""
+
+    vocab_size: int
+    dim: int
+    layers: int
+    heads: int
+    mlp_dim: int
+    max_seq_len: int
+    max_bracket_depth: int
     dropout: float = 0.0
     dtype: str = "float32"
 
@@ -202,7 +236,7 @@ def apply_overrides(config: Config, overrides: dict[str, dict[str, Any]]) -> Con
 
 
 def validate_config(config: Config) -> Config:
-    d, m, t, e = config.data, config.model, config.training, config.evaluation
+    d, m, t, e, f = config.data, config.model, config.training, config.evaluation, config.feature_extractor
     for name in ("bucket_heights", "bucket_widths", "sequence_buckets"):
         if not getattr(d, name):
             raise UserError(f"data.{name} must not be empty")
@@ -235,6 +269,14 @@ def validate_config(config: Config) -> Config:
         (e.generation_method in ("greedy", "beam"), "evaluation.generation_method must be 'greedy' or 'beam'"),
         (e.beam_width >= 1, "evaluation.beam_width must be at least 1"),
         (e.length_penalty >= 0, "evaluation.length_penalty must be >= 0"),
+        (f.size in MODEL_SIZES, f"feature_extractor.size must be one of {', '.join(MODEL_SIZES)}"),
+        (0.0 <= f.dropout < 1.0, "feature_extractor.dropout must be in [0, 1)"),
+        (bool(f.train_formulas), "feature_extractor.train_formulas must name at least one file"),
+        (0.0 < f.mask_prob < 1.0, "feature_extractor.mask_prob must be in (0, 1)"),
+        (f.max_bracket_depth >= 1, "feature_extractor.max_bracket_depth must be at least 1"),
+        (f.mlm_weight >= 0 and f.depth_weight >= 0 and f.mlm_weight + f.depth_weight > 0,
+         "feature_extractor.mlm_weight and depth_weight must be >= 0, not both 0"),
+        (f.pooling in ("mean", "cls"), "feature_extractor.pooling must be 'mean' or 'cls'"),
     ]
     for ok, message in checks:
         if not ok:
@@ -279,6 +321,15 @@ def model_config(config: Config, vocab_size: int) -> ModelConfig:
         max_cols=max(data.bucket_widths) // section.patch_size,
         dropout=section.dropout, dtype="bfloat16" if config.training.bf16 else "float32",
         **MODEL_SIZES[section.size])
+
+
+def extractor_config(config: Config, vocab_size: int) -> ExtractorConfig:
+    section = config.feature_extractor
+    size = MODEL_SIZES[section.size]
+    return ExtractorConfig(
+        vocab_size=vocab_size, dim=size["dim"], layers=size["encoder_layers"], heads=size["heads"],
+        mlp_dim=size["mlp_dim"], max_seq_len=config.model.max_seq_len, max_bracket_depth=section.max_bracket_depth,
+        dropout=section.dropout, dtype="bfloat16" if config.training.bf16 else "float32")
 
 
 def resolve_path(path: str) -> Path:
@@ -340,6 +391,23 @@ class Vocabulary:
 
 def detokenize(tokens: Sequence[str]) -> str:
     return " ".join(tokens)
+
+
+LEFT_DELIMITER = re.compile(r"\\left(?![a-zA-Z])")  # \left( or \left, not \leftarrow
+RIGHT_DELIMITER = re.compile(r"\\right(?![a-zA-Z])")
+
+
+def bracket_depths(tokens: Sequence[str], cap: int) -> list[int]:
+    r"""Per token, how many `{ }` groups and `\left ... \right` pairs enclose it, capped at `cap`.
+    Brackets sit at the depth outside them; an unmatched closing one is ignored at depth 0."""
+    depths, depth = [], 0
+    for token in tokens:
+        if token == "}" or RIGHT_DELIMITER.match(token):
+            depth = max(depth - 1, 0)
+        depths.append(min(depth, cap))
+        if token == "{" or LEFT_DELIMITER.match(token):
+            depth += 1
+    return depths
 
 
 def build_vocabulary(captions: Sequence[Sequence[str]], min_count: int = 1) -> Vocabulary:
@@ -622,10 +690,24 @@ class Dataset:
         return {"images": np.stack(images)[..., None], "tokens": tokens}
 
 
-class TrainBatches:
-    """The deterministic batch sequence for training: batch k depends only on (seed, k), so a
-    resumed run sees exactly the batches an uninterrupted run would. Built one step ahead in a
-    worker thread so augmentation overlaps the device step."""
+class BatchStream:
+    """A deterministic batch sequence: batch k depends only on (seed, k), so a resumed run sees
+    exactly the batches an uninterrupted run would. Built one step ahead in a worker thread so
+    that preparing a batch overlaps the device step."""
+
+    def make(self, k: int) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def iterate(self, start: int, pool: concurrent.futures.Executor) -> Iterator[dict[str, np.ndarray]]:
+        future = pool.submit(self.make, start)
+        for k in itertools.count(start + 1):
+            batch = future.result()
+            future = pool.submit(self.make, k)
+            yield batch
+
+
+class TrainBatches(BatchStream):
+    """Same-shape image batches of a Dataset, a shuffled epoch at a time, augmented if asked."""
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int, augment: bool):
         self.dataset, self.batch_size, self.seed, self.augment = dataset, batch_size, seed, augment
@@ -642,12 +724,57 @@ class TrainBatches:
         rng = np.random.default_rng([self.seed, 1, k]) if self.augment else None
         return self.dataset.batch(self.indices(k), rng)
 
-    def iterate(self, start: int, pool: concurrent.futures.Executor) -> Iterator[dict[str, np.ndarray]]:
-        future = pool.submit(self.make, start)
-        for k in itertools.count(start + 1):
-            batch = future.result()
-            future = pool.submit(self.make, k)
-            yield batch
+
+def read_formulas(path: str, vocab: Vocabulary) -> tuple[list[list[str]], int]:
+    """Token lists from a split JSON file (its captions) or a text file (one formula a line),
+    and how many tokens are not in the vocabulary (they become <UNK>)."""
+    if path.endswith(".json"):
+        entries = read_split_file(path)
+        lines = [e["caption"] for e in entries.values() if isinstance(e, dict) and isinstance(e.get("caption"), str)]
+    else:
+        file = resolve_path(path)
+        if not file.is_file():
+            raise UserError(f"formula file not found: {path}")
+        try:
+            lines = file.read_text().splitlines()
+        except UnicodeDecodeError as error:
+            raise UserError(f"formula file {path} is not UTF-8 text: {error}") from None
+    formulas = [line.split() for line in lines if line.split()]
+    unknown = sum(token not in vocab.ids for formula in formulas for token in formula)
+    return formulas, unknown
+
+
+def extractor_inputs(formulas: Sequence[Sequence[str]], vocab: Vocabulary, length: int,
+                     max_depth: int) -> dict[str, np.ndarray]:
+    """tokens [B, length]: [CLS] ids [SEP] <PAD>...; depths [B, length]: bracket depth of each
+    formula token, -1 on [CLS], [SEP] and <PAD> (not scored). Formulas are cut to fit."""
+    tokens = np.full((len(formulas), length), PAD_ID, np.int32)
+    depths = np.full((len(formulas), length), -1, np.int32)
+    for row, formula in enumerate(formulas):
+        formula = list(formula)[: length - 2]
+        tokens[row, 0], tokens[row, 1 + len(formula)] = CLS_ID, SEP_ID
+        tokens[row, 1: 1 + len(formula)] = vocab.encode(formula)
+        depths[row, 1: 1 + len(formula)] = bracket_depths(formula, max_depth)
+    return {"tokens": tokens, "depths": depths}
+
+
+class FormulaBatches(BatchStream):
+    """Random batches of formulas of one sequence bucket each (the bucket of a formula drawn
+    uniformly, so buckets come up in proportion to their size)."""
+
+    def __init__(self, formulas: list[list[str]], vocab: Vocabulary, data: DataConfig, batch_size: int,
+                 seed: int, max_depth: int):
+        self.formulas, self.vocab, self.batch_size, self.seed, self.max_depth = formulas, vocab, batch_size, seed, max_depth
+        self.buckets = [sequence_bucket(min(len(f) + 2, max(data.sequence_buckets)), data) for f in formulas]
+        self.members: dict[int, list[int]] = collections.defaultdict(list)
+        for index, bucket in enumerate(self.buckets):
+            self.members[bucket].append(index)
+
+    def make(self, k: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng([self.seed, 2, k])
+        bucket = self.buckets[rng.integers(len(self.formulas))]
+        chosen = rng.choice(self.members[bucket], self.batch_size)
+        return extractor_inputs([self.formulas[i] for i in chosen], self.vocab, bucket, self.max_depth)
 
 
 def read_split_list(path: Path) -> list[tuple[str, int]]:
@@ -757,7 +884,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
 
 
 class MultiHeadAttention(nn.Module):
-    cfg: ModelConfig
+    cfg: ModelConfig | ExtractorConfig  # both name the fields these blocks read
 
     def setup(self):
         heads, head_dim = self.cfg.heads, self.cfg.dim // self.cfg.heads
@@ -773,7 +900,7 @@ class MultiHeadAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    cfg: ModelConfig
+    cfg: ModelConfig | ExtractorConfig
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
@@ -783,13 +910,14 @@ class MLP(nn.Module):
 
 
 class EncoderBlock(nn.Module):
-    cfg: ModelConfig
+    cfg: ModelConfig | ExtractorConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, deterministic: bool, mask: jax.Array | None = None) -> jax.Array:
+        """mask: which keys each query may attend to (broadcast to [B, H, Lq, Lk]); None: all."""
         attend = MultiHeadAttention(self.cfg)
         h = nn.LayerNorm(dtype=self.cfg.dtype)(x)
-        h = attend(h, *attend.keys_values(h), mask=jnp.ones((), bool))
+        h = attend(h, *attend.keys_values(h), mask=jnp.ones((), bool) if mask is None else mask)
         x = x + nn.Dropout(self.cfg.dropout)(h, deterministic=deterministic)
         h = MLP(self.cfg)(nn.LayerNorm(dtype=self.cfg.dtype)(x), deterministic)
         return x + nn.Dropout(self.cfg.dropout)(h, deterministic=deterministic)
@@ -906,6 +1034,56 @@ def init_cache(cfg: ModelConfig, batch: int, length: int | None = None) -> list[
     shape = (batch, length or cfg.max_seq_len, cfg.heads, cfg.dim // cfg.heads)
     return [{"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
             for _ in range(cfg.decoder_layers)]
+
+
+class FeatureExtractor(nn.Module):
+    """A bidirectional Transformer over `[CLS] tokens [SEP]`, with a masked-LM head and a
+    bracket-depth head used only in pretraining."""
+
+    cfg: ExtractorConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.token_embed = nn.Embed(cfg.vocab_size, cfg.dim, embedding_init=nn.initializers.normal(0.02))
+        self.position_embed = self.param("position_embed", nn.initializers.normal(0.02),
+                                         (cfg.max_seq_len, cfg.dim))
+        self.blocks = [EncoderBlock(cfg) for _ in range(cfg.layers)]
+        self.norm = nn.LayerNorm(dtype=cfg.dtype)
+        self.mlm_head = nn.Dense(cfg.vocab_size, dtype=cfg.dtype)
+        self.depth_head = nn.Dense(cfg.max_bracket_depth + 1, dtype=cfg.dtype)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def __call__(self, tokens: jax.Array, deterministic: bool = True) -> jax.Array:
+        """Hidden states [B, L, dim]; <PAD> positions are never attended to."""
+        x = self.token_embed(tokens) + self.position_embed[: tokens.shape[1]]
+        x = self.dropout(x.astype(self.cfg.dtype), deterministic=deterministic)
+        keys = (tokens != PAD_ID)[:, None, None, :]
+        for block in self.blocks:
+            x = block(x, deterministic, keys)
+        return self.norm(x)
+
+    def pretraining_logits(self, tokens: jax.Array, deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+        hidden = self(tokens, deterministic)
+        return self.mlm_head(hidden).astype(jnp.float32), self.depth_head(hidden).astype(jnp.float32)
+
+
+def init_extractor_params(model: FeatureExtractor, seed: int) -> Any:
+    return model.init(jax.random.PRNGKey(seed), jnp.full((1, 3), CLS_ID, jnp.int32),
+                      method=FeatureExtractor.pretraining_logits)["params"]
+
+
+def extractor_features(model: FeatureExtractor, params: Any, tokens: jax.Array, pooling: str) -> jax.Array:
+    """tokens [B, L] (`[CLS] ids [SEP] <PAD>...`) -> features [B, dim]: the mean hidden state
+    over non-<PAD> positions, or the [CLS] one."""
+    hidden = model.apply({"params": params}, tokens).astype(jnp.float32)
+    if pooling == "cls":
+        return hidden[:, 0]
+    weights = (tokens != PAD_ID).astype(jnp.float32)[..., None]
+    return (hidden * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)
+
+
+def cosine_similarity(a: jax.Array, b: jax.Array) -> jax.Array:
+    return (a * b).sum(-1) / jnp.maximum(jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1), 1e-8)
 
 
 def init_params(model: LatexOCR, seed: int) -> Any:
@@ -1246,6 +1424,59 @@ def make_train_step(model: LatexOCR, optimizer: optax.GradientTransformation, la
     return jax.jit(train_step, donate_argnums=(0, 1))
 
 
+def mask_tokens(key: jax.Array, tokens: jax.Array, vocab_size: int, mask_prob: float) -> tuple[jax.Array, jax.Array]:
+    """BERT masking: each formula token is chosen with probability mask_prob; of the chosen, 80 %
+    become [MASK], 10 % a random ordinary token, 10 % stay. Returns (inputs, chosen)."""
+    choose_key, kind_key, random_key = jax.random.split(key, 3)
+    ordinary = (tokens != PAD_ID) & (tokens != CLS_ID) & (tokens != SEP_ID)
+    chosen = ordinary & (jax.random.uniform(choose_key, tokens.shape) < mask_prob)
+    kind = jax.random.uniform(kind_key, tokens.shape)
+    random_tokens = jax.random.randint(random_key, tokens.shape, len(SPECIAL_TOKENS), vocab_size)
+    inputs = jnp.where(chosen & (kind < 0.8), MASK_ID, jnp.where(chosen & (kind < 0.9), random_tokens, tokens))
+    return inputs, chosen
+
+
+def pretraining_losses(model: FeatureExtractor, params: Any, batch: dict[str, jax.Array], key: jax.Array,
+                       mask_prob: float, deterministic: bool) -> dict[str, jax.Array]:
+    """Masked-LM cross-entropy over the chosen tokens and bracket-depth cross-entropy over every
+    formula token, with their accuracies."""
+    mask_key, dropout_key = jax.random.split(key)
+    inputs, chosen = mask_tokens(mask_key, batch["tokens"], model.cfg.vocab_size, mask_prob)
+    mlm_logits, depth_logits = model.apply({"params": params}, inputs, deterministic,
+                                           method=FeatureExtractor.pretraining_logits, rngs={"dropout": dropout_key})
+    scored = batch["depths"] >= 0
+
+    def mean_over(values, where):
+        weights = where.astype(jnp.float32)
+        return (values * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+
+    mlm_losses = optax.softmax_cross_entropy_with_integer_labels(mlm_logits, batch["tokens"])
+    depth_losses = optax.softmax_cross_entropy_with_integer_labels(depth_logits, jnp.maximum(batch["depths"], 0))
+    return {
+        "mlm_loss": mean_over(mlm_losses, chosen), "depth_loss": mean_over(depth_losses, scored),
+        "mlm_correct": ((jnp.argmax(mlm_logits, -1) == batch["tokens"]) & chosen).sum(), "mlm_count": chosen.sum(),
+        "depth_correct": ((jnp.argmax(depth_logits, -1) == batch["depths"]) & scored).sum(), "depth_count": scored.sum(),
+    }
+
+
+def make_pretrain_step(model: FeatureExtractor, optimizer: optax.GradientTransformation,
+                       section: FeatureExtractorSection):
+    """Jitted (params, opt_state, batch, key) -> (params, opt_state, metrics); buffers donated."""
+
+    def pretrain_step(params, opt_state, batch, key):
+        def loss_fn(p):
+            parts = pretraining_losses(model, p, batch, key, section.mask_prob, deterministic=False)
+            return section.mlm_weight * parts["mlm_loss"] + section.depth_weight * parts["depth_loss"], parts
+
+        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, {"loss": loss, "mlm_loss": parts["mlm_loss"], "depth_loss": parts["depth_loss"],
+                                   "grad_norm": optax.tree.norm(grads)}
+
+    return jax.jit(pretrain_step, donate_argnums=(0, 1))
+
+
 # --- checkpoints ------------------------------------------------------------------------------
 
 def checkpoint_manager(directory: Path, keep: int):
@@ -1255,8 +1486,11 @@ def checkpoint_manager(directory: Path, keep: int):
     return ocp.CheckpointManager(directory.resolve(), options=options)
 
 
-def checkpoint_metadata(cfg: ModelConfig, vocab: Vocabulary, data: DataConfig, extra: dict) -> dict:
-    return {"model": dataclasses.asdict(cfg), "vocab": list(vocab.tokens),
+CHECKPOINT_KINDS = {ModelConfig: "ocr", ExtractorConfig: "feature_extractor"}
+
+
+def checkpoint_metadata(cfg: ModelConfig | ExtractorConfig, vocab: Vocabulary, data: DataConfig, extra: dict) -> dict:
+    return {"kind": CHECKPOINT_KINDS[type(cfg)], "model": dataclasses.asdict(cfg), "vocab": list(vocab.tokens),
             "data": dataclasses.asdict(data), **extra}
 
 
@@ -1301,9 +1535,14 @@ def read_metadata(directory: Path, step: int) -> dict:
         raise UserError(f"checkpoint {directory / str(step)} has no readable metadata: {error}") from None
 
 
-def model_config_from_metadata(metadata: dict, where: Path) -> ModelConfig:
+def model_config_from_metadata(metadata: dict, where: Path, kind: type = ModelConfig):
+    """The saved ModelConfig (or ExtractorConfig), refusing a checkpoint of the other kind."""
+    saved_kind = metadata.get("kind", "ocr")
+    if saved_kind != CHECKPOINT_KINDS[kind]:
+        raise UserError(f"checkpoint {where} holds a {saved_kind.replace('_', ' ')} model, "
+                        f"not the {CHECKPOINT_KINDS[kind].replace('_', ' ')} model needed here")
     try:
-        return ModelConfig(**{**metadata["model"], "dtype": "float32"})
+        return kind(**{**metadata["model"], "dtype": "float32"})
     except (KeyError, TypeError) as error:
         raise UserError(f"checkpoint {where} has a malformed model config: {error}") from None
 
@@ -1341,16 +1580,27 @@ def load_predictor(path: str, length_penalty: float = 0.7) -> Predictor:
     return Predictor(model, params, vocab, data, length_penalty)
 
 
-def check_compatible(metadata: dict, cfg: ModelConfig, vocab: Vocabulary, where: Path) -> None:
-    saved = model_config_from_metadata(metadata, where)
+def check_compatible(metadata: dict, cfg: ModelConfig | ExtractorConfig, vocab: Vocabulary, where: Path) -> None:
+    saved = model_config_from_metadata(metadata, where, type(cfg))
     differences = [f"{f}: checkpoint {getattr(saved, f)} vs config {getattr(cfg, f)}"
-                   for f in (f.name for f in dataclasses.fields(ModelConfig))
+                   for f in (f.name for f in dataclasses.fields(cfg))
                    if f != "dtype" and getattr(saved, f) != getattr(cfg, f)]
     if differences:
         raise UserError(f"checkpoint {where} was made with another model config ({'; '.join(differences)})")
     if list(metadata["vocab"]) != list(vocab.tokens):
         raise UserError(f"checkpoint {where} was made with another vocabulary "
                         f"({len(metadata['vocab'])} tokens vs {len(vocab)} in the configured vocab.json)")
+
+
+def load_feature_extractor(path: str) -> tuple[FeatureExtractor, Any, Vocabulary]:
+    """The extractor model, its parameters and vocabulary from a `pretrain` checkpoint (best step)."""
+    directory = find_checkpoint_dir(path)
+    step = checkpoint_steps(directory)[-1]
+    metadata = read_metadata(directory, step)
+    model = FeatureExtractor(model_config_from_metadata(metadata, directory, ExtractorConfig))
+    target = abstract(jax.eval_shape(lambda: init_extractor_params(model, 0)))
+    params = restore_items(directory, step, {"params": target})["params"]
+    return model, params, Vocabulary(metadata["vocab"])
 
 
 # --- training loop ----------------------------------------------------------------------------
@@ -1542,6 +1792,67 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> dict[s
         start_info={"model": config.model.size, "train_examples": len(train_set)})
     return run_training(trainee, config, run_dir, resume, progress,
                         [train_report.summary(), val_report.summary()])
+
+
+def validation_batches(formulas: list[list[str]], vocab: Vocabulary, data: DataConfig, batch_size: int,
+                       max_depth: int) -> list[dict[str, np.ndarray]]:
+    """Every formula once, in same-bucket batches; short batches are filled with empty rows,
+    which have nothing to score."""
+    by_bucket: dict[int, list[list[str]]] = collections.defaultdict(list)
+    for formula in formulas:
+        by_bucket[sequence_bucket(min(len(formula) + 2, max(data.sequence_buckets)), data)].append(formula)
+    batches = []
+    for bucket, members in sorted(by_bucket.items()):
+        for start in range(0, len(members), batch_size):
+            batch = extractor_inputs(members[start: start + batch_size], vocab, bucket, max_depth)
+            missing = batch_size - batch["tokens"].shape[0]
+            batches.append({"tokens": np.pad(batch["tokens"], ((0, missing), (0, 0)), constant_values=PAD_ID),
+                            "depths": np.pad(batch["depths"], ((0, missing), (0, 0)), constant_values=-1)})
+    return batches
+
+
+def pretrain(config: Config, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Pretrain the feature extractor (masked-LM + bracket depth) into
+    feature_extractor.checkpoint_path; returns the final summary."""
+    section, training, data = config.feature_extractor, config.training, config.data
+    vocab = load_vocabulary(data.vocab_path)
+    cfg = extractor_config(config, len(vocab))
+    run_dir = Path(section.checkpoint_path).expanduser()
+    refuse_to_overwrite(run_dir, resume)
+    notes, train_formulas = [], []
+    for path in section.train_formulas:
+        formulas, unknown = read_formulas(path, vocab)
+        train_formulas += formulas
+        notes.append(f"{path}: {len(formulas)} training formulas, {unknown} tokens not in the vocabulary (<UNK>)")
+    val_formulas, unknown = read_formulas(section.validate_formulas, vocab)
+    notes.append(f"{section.validate_formulas}: {len(val_formulas)} validation formulas, {unknown} tokens <UNK>")
+    if not train_formulas:
+        raise UserError(f"no training formulas in {', '.join(section.train_formulas)}")
+    model = FeatureExtractor(cfg)
+    val_batches = validation_batches(val_formulas[: training.val_samples], vocab, data,
+                                     config.evaluation.batch_size, section.max_bracket_depth)
+    scores = jax.jit(lambda p, batch, key: pretraining_losses(model, p, batch, key, section.mask_prob, True))
+
+    def validate(params):
+        # The same masks at every validation, so accuracies compare across steps.
+        parts = [jax.device_get(scores(params, batch, jax.random.PRNGKey(i))) for i, batch in enumerate(val_batches)]
+        total = {k: float(sum(p[k] for p in parts)) for k in ("mlm_correct", "mlm_count", "depth_correct", "depth_count")}
+        return {"mlm_accuracy": 100 * total["mlm_correct"] / max(total["mlm_count"], 1),
+                "depth_accuracy": 100 * total["depth_correct"] / max(total["depth_count"], 1),
+                "mlm_loss": float(np.mean([p["mlm_loss"] for p in parts])),
+                "depth_loss": float(np.mean([p["depth_loss"] for p in parts]))}
+
+    trainee = Trainee(
+        params=init_extractor_params(model, training.seed),
+        make_step=lambda optimizer: make_pretrain_step(model, optimizer, section),
+        batches=FormulaBatches(train_formulas, vocab, data, training.batch_size, training.seed,
+                               section.max_bracket_depth),
+        validate=validate if val_batches else None,
+        primary_metric="mlm_accuracy", maximize=True,
+        metadata=lambda extra: checkpoint_metadata(cfg, vocab, data, extra),
+        check_resume=lambda metadata, where: check_compatible(metadata, cfg, vocab, where),
+        start_info={"model": section.size, "train_formulas": len(train_formulas)})
+    return run_training(trainee, config, run_dir, resume, progress, notes)
 
 
 # --- commands ---------------------------------------------------------------------------------
@@ -1736,6 +2047,12 @@ def command_train(args, config: Config) -> int:
     return 0
 
 
+def command_pretrain(args, config: Config) -> int:
+    summary = pretrain(config, resume=args.resume, progress=not args.quiet)
+    print(json.dumps(summary))
+    return 0
+
+
 def command_eval(args, config: Config) -> int:
     evaluation = config.evaluation
     predictor = load_predictor(args.checkpoint or evaluation.checkpoint_path, evaluation.length_penalty)
@@ -1848,6 +2165,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--resume", action="store_true", help="continue the run in training.checkpoint_dir")
     sub.add_argument("--quiet", action="store_true", help="no progress bar")
     sub.set_defaults(run=command_train)
+
+    sub = add("pretrain", "pretrain the LaTeX feature extractor (masked-LM + bracket depth)")
+    sub.add_argument("--resume", action="store_true", help="continue the run in feature_extractor.checkpoint_path")
+    sub.add_argument("--quiet", action="store_true", help="no progress bar")
+    sub.set_defaults(run=command_pretrain)
 
     sub = add("eval", "evaluate a checkpoint on a split: BLEU-4, edit distance, exact match, token accuracy")
     sub.add_argument("--checkpoint", help="run or checkpoint directory (default: evaluation.checkpoint_path)")

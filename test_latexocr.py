@@ -1,5 +1,6 @@
 """Tests for latexocr.py: run with `python -m pytest -q test_latexocr.py`."""
 
+import collections
 import dataclasses
 import json
 import math
@@ -93,7 +94,7 @@ def test_bad_config_values_are_named(option, message):
 
 
 def test_shipped_configs_load():
-    for name in ("train.yaml", "eval.yaml"):
+    for name in ("train.yaml", "eval.yaml", "pretrain.yaml"):
         L.load_config(str(ROOT / "configs" / name))
 
 
@@ -611,6 +612,87 @@ def test_predict_uses_the_shipped_default_model(capsys):
     assert prediction["tokens"] and prediction["latex"] == " ".join(prediction["tokens"])
 
 
+# --- feature extractor pretraining -------------------------------------------------------------
+
+@pytest.mark.parametrize("formula, cap, depths", [
+    (r"\frac { a } { b ^ { 2 } }", 8, [0, 0, 1, 0, 0, 1, 1, 1, 2, 1, 0]),
+    (r"\left( x + \left[ y \right] \right) \rightarrow z", 8, [0, 1, 1, 1, 2, 1, 0, 0, 0]),
+    (r"\left\{ a \right. \leftarrow b", 8, [0, 1, 0, 0, 0]),
+    (r"} } a { { b", 8, [0, 0, 0, 0, 1, 2]),
+    (r"{ { { x } } }", 2, [0, 1, 2, 2, 2, 1, 0]),
+    (r"\{ a \}", 8, [0, 0, 0]),
+])
+def test_bracket_depths_hand_worked(formula, cap, depths):
+    assert L.bracket_depths(formula.split(), cap) == depths
+
+
+def test_extractor_inputs_frame_and_score_only_formula_tokens(vocab):
+    batch = L.extractor_inputs([["{", "x", "}"]], vocab, 8, 8)
+    assert batch["tokens"][0].tolist() == [L.CLS_ID, *vocab.encode(["{", "x", "}"]), L.SEP_ID, 0, 0, 0]
+    assert batch["depths"][0].tolist() == [-1, 0, 1, 0, -1, -1, -1, -1]
+
+
+def test_mask_tokens_follows_the_80_10_10_rule():
+    tokens = jnp.asarray(np.random.default_rng(0).integers(7, 200, (200, 100)), jnp.int32)
+    tokens = tokens.at[:, 0].set(L.CLS_ID).at[:, 60].set(L.SEP_ID).at[:, 61:].set(L.PAD_ID)
+    inputs, chosen = L.mask_tokens(jax.random.PRNGKey(0), tokens, 200, 0.15)
+    inputs, chosen, tokens = np.asarray(inputs), np.asarray(chosen), np.asarray(tokens)
+    assert not chosen[:, [0, 60]].any() and not chosen[:, 61:].any()
+    assert chosen[:, 1:60].mean() == pytest.approx(0.15, abs=0.01)
+    masked, kept = inputs[chosen] == L.MASK_ID, inputs[chosen] == tokens[chosen]
+    assert masked.mean() == pytest.approx(0.8, abs=0.02)
+    assert kept.mean() == pytest.approx(0.1, abs=0.02)
+    assert np.all(inputs[~chosen] == tokens[~chosen])
+
+
+@pytest.fixture(scope="module")
+def pretrained_extractor(tmp_path_factory):
+    """A tiny extractor pretrained through `pretrain` on 64 real training formulas."""
+    folder = tmp_path_factory.mktemp("pretrain")
+    captions = [e["caption"] for e in json.loads((DATA / "train.json").read_text()).values()][:64]
+    corpus = folder / "formulas.txt"
+    corpus.write_text("\n".join(captions))
+    config = L.apply_overrides(L.Config(), {
+        "feature_extractor": {"size": "tiny", "dropout": 0.0, "checkpoint_path": str(folder / "run"),
+                              "train_formulas": [str(corpus)], "validate_formulas": str(corpus)},
+        "training": {"batch_size": 16, "lr": 3e-3, "warmup_steps": 20, "total_steps": 300, "eval_every": 300,
+                     "val_samples": 64}})
+    return folder / "run", L.pretrain(config, progress=False), captions
+
+
+def test_pretraining_beats_the_frequency_baselines(pretrained_extractor):
+    _, summary, captions = pretrained_extractor
+    tokens = collections.Counter(t for caption in captions for t in caption.split())
+    depths = collections.Counter(d for caption in captions for d in L.bracket_depths(caption.split(), 8))
+    most_frequent_token = 100 * max(tokens.values()) / sum(tokens.values())  # 17 % here; uniform: 0.3 %
+    most_frequent_depth = 100 * max(depths.values()) / sum(depths.values())  # 49 % here
+    assert summary["metrics"]["mlm_accuracy"] > 1.5 * most_frequent_token
+    assert summary["metrics"]["depth_accuracy"] > most_frequent_depth + 25
+
+
+def test_extractor_features_rank_identical_edited_unrelated(pretrained_extractor, vocab):
+    run_dir, _, captions = pretrained_extractor
+    model, params, saved_vocab = L.load_feature_extractor(str(run_dir))
+    assert saved_vocab.tokens == vocab.tokens
+    features = jax.jit(lambda p, t: L.extractor_features(model, p, t, "mean"))
+    for i in range(6):
+        formula = captions[i].split()
+        edited = list(formula)
+        edited[len(edited) // 2] = "x" if edited[len(edited) // 2] != "x" else "y"
+        rows = L.extractor_inputs([formula, formula, edited, captions[i + 30].split()], vocab, 256, 8)["tokens"]
+        f = features(params, jnp.asarray(rows))
+        same, edit, unrelated = np.asarray(L.cosine_similarity(f[:1], f[1:]))
+        assert same == pytest.approx(1.0, abs=1e-5)
+        assert unrelated < edit < same - 1e-5  # float32 noise on `same` is ~1e-7
+
+
+def test_cls_pooling_returns_the_first_position(pretrained_extractor, vocab):
+    run_dir, _, captions = pretrained_extractor
+    model, params, _ = L.load_feature_extractor(str(run_dir))
+    rows = jnp.asarray(L.extractor_inputs([captions[0].split()], vocab, 96, 8)["tokens"])
+    np.testing.assert_allclose(L.extractor_features(model, params, rows, "cls"), model.apply({"params": params}, rows)[:, 0])
+
+
 # --- user errors: one clear line, non-zero exit, no traceback -----------------------------------
 
 @pytest.fixture(scope="module")
@@ -656,6 +738,10 @@ def bad_files(tmp_path_factory):
     (["train", "--resume", "--set", "training.checkpoint_dir={run}"], "another model config"),
     (["train", "--set", "training.checkpoint_dir={run}"], "already holds a training run"),
     (["eval", "--checkpoint", "{run}", "--set", "data.test_split={bad}/broken.json"], "not valid JSON"),
+    (["pretrain", "--set", "feature_extractor.train_formulas=[{bad}/none.txt]",
+      "--set", "feature_extractor.checkpoint_path={bad}/p1"], "formula file not found"),
+    (["pretrain", "--set", "feature_extractor.pooling=max"], "feature_extractor.pooling must be 'mean' or 'cls'"),
+    (["pretrain", "--set", "feature_extractor.checkpoint_path={run}"], "already holds a training run"),
     (["prepare", "--root", "{bad}/nowhere", "--out", "{bad}/o"], "folder not found"),
     (["prepare", "--root", "{bad}", "--out", "{bad}/o"], "no im2latex_formulas.norm.lst"),
 ])
