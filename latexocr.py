@@ -678,14 +678,15 @@ class Dataset:
                 batches.append((np.array(chunk + [chunk[0]] * (batch_size - len(chunk))), len(chunk)))
         return batches
 
-    def batch(self, indices: np.ndarray, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
-        """images [batch, H, W, 1] float32 and tokens [batch, L] int32; augmented when rng is given."""
+    def batch(self, indices: np.ndarray, rngs: Sequence[np.random.Generator] | None = None) -> dict[str, np.ndarray]:
+        """images [batch, H, W, 1] float32 and tokens [batch, L] int32; row i augmented with
+        rngs[i] when rngs are given."""
         height, width, length = self.keys[indices[0]]
         images = []
-        for i in indices:
-            ink = self.inks[i] if rng is None else augment_ink(self.inks[i], rng)
+        for row, i in enumerate(indices):
+            ink = self.inks[i] if rngs is None else augment_ink(self.inks[i], rngs[row])
             canvas = place_in_bucket(ink, (height, width), self.data.margin)
-            images.append(canvas if rng is None else add_noise(canvas, rng))
+            images.append(canvas if rngs is None else add_noise(canvas, rngs[row]))
         tokens = token_array([self.examples[i].ids for i in indices], length)
         return {"images": np.stack(images)[..., None], "tokens": tokens}
 
@@ -693,7 +694,17 @@ class Dataset:
 class BatchStream:
     """A deterministic batch sequence: batch k depends only on (seed, k), so a resumed run sees
     exactly the batches an uninterrupted run would. Built one step ahead in a worker thread so
-    that preparing a batch overlaps the device step."""
+    that preparing a batch overlaps the device step. With several processes, each builds only
+    its own rows of every global batch (`shard`)."""
+
+    part, parts = 0, 1
+
+    def shard(self, part: int, parts: int) -> None:
+        self.part, self.parts = part, parts
+
+    def own_rows(self, batch_size: int) -> np.ndarray:
+        per_part = batch_size // self.parts
+        return np.arange(self.part * per_part, (self.part + 1) * per_part)
 
     def make(self, k: int) -> dict[str, np.ndarray]:
         raise NotImplementedError
@@ -721,8 +732,10 @@ class TrainBatches(BatchStream):
         return self._epoch_cache[1][position]
 
     def make(self, k: int) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng([self.seed, 1, k]) if self.augment else None
-        return self.dataset.batch(self.indices(k), rng)
+        rows = self.own_rows(self.batch_size)
+        # One generator per row of the global batch, so a row looks the same however it is sharded.
+        rngs = [np.random.default_rng([self.seed, 1, k, row]) for row in rows] if self.augment else None
+        return self.dataset.batch(self.indices(k)[rows], rngs)
 
 
 def read_formulas(path: str, vocab: Vocabulary) -> tuple[list[list[str]], int]:
@@ -773,7 +786,7 @@ class FormulaBatches(BatchStream):
     def make(self, k: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([self.seed, 2, k])
         bucket = self.buckets[rng.integers(len(self.formulas))]
-        chosen = rng.choice(self.members[bucket], self.batch_size)
+        chosen = rng.choice(self.members[bucket], self.batch_size)[self.own_rows(self.batch_size)]
         return extractor_inputs([self.formulas[i] for i in chosen], self.vocab, bucket, self.max_depth)
 
 
@@ -1561,8 +1574,11 @@ def restore_items(directory: Path, step: int, items: dict[str, Any]) -> dict[str
         checkpointer.close()
 
 
-def abstract(tree: Any) -> Any:
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+def abstract(tree: Any, sharding: jax.sharding.Sharding | None = None) -> Any:
+    """Shapes and dtypes to restore into, placed by `sharding` (default: this process's first
+    device), so a checkpoint saved from any number of devices restores onto these."""
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
 def load_predictor(path: str, length_penalty: float = 0.7) -> Predictor:
@@ -1606,12 +1622,16 @@ def load_feature_extractor(path: str) -> tuple[FeatureExtractor, Any, Vocabulary
 # --- training loop ----------------------------------------------------------------------------
 
 class RunLog:
-    """Appends one JSON object per event to the run's log file and mirrors a line to the console."""
+    """Appends one JSON object per event to the run's log file and mirrors a line to the console;
+    with several processes only process 0 writes."""
 
     def __init__(self, path: Path):
         self.path = path
+        self.writes = jax.process_index() == 0
 
     def write(self, event: str, console: bool = True, **values: Any) -> None:
+        if not self.writes:
+            return
         record = {"time": round(time.time(), 3), "event": event, **values}
         with self.path.open("a") as file:
             file.write(json.dumps(record) + "\n")
@@ -1649,6 +1669,26 @@ class Trainee:
     start_info: dict
 
 
+def data_parallel_mesh(batch_size: int) -> jax.sharding.Mesh:
+    """All devices of all processes on one `data` axis: each batch is split along it, parameters
+    and optimizer state are replicated, and jit inserts the gradient all-reduce."""
+    devices = jax.devices()
+    if batch_size % len(devices):
+        raise UserError(f"training.batch_size {batch_size} must be a multiple of the {len(devices)} devices")
+    return jax.sharding.Mesh(np.array(devices), ("data",))
+
+
+def to_global(tree: Any, sharding: jax.sharding.Sharding) -> Any:
+    """This process's values -> global arrays laid out by `sharding` (its rows of a batch, or a
+    full copy of something replicated)."""
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
+
+
+def to_local(tree: Any) -> Any:
+    """This process's full copy of replicated global arrays, as numpy."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+
+
 def refuse_to_overwrite(run_dir: Path, resume: bool) -> None:
     if run_dir.is_dir() and checkpoint_steps(run_dir) and not resume:
         raise UserError(f"{run_dir} already holds a training run; pass --resume to continue it "
@@ -1668,9 +1708,13 @@ def run_training(trainee: Trainee, config: Config, run_dir: Path, resume: bool, 
     log = RunLog(run_dir / "train.log")
     for note in notes:
         log.write("data", summary=note)
+    mesh = data_parallel_mesh(training.batch_size)
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    trainee.batches.shard(jax.process_index(), jax.process_count())
     optimizer = make_optimizer(training)
-    params = trainee.params
-    opt_state = optimizer.init(params)
+    params = to_global(trainee.params, replicated)
+    opt_state = to_global(optimizer.init(trainee.params), replicated)
     manager = checkpoint_manager(run_dir, training.keep_checkpoints)
     best_manager = checkpoint_manager(run_dir / "best", 1)
     step, best = 0, None
@@ -1678,12 +1722,14 @@ def run_training(trainee: Trainee, config: Config, run_dir: Path, resume: bool, 
         step = manager.latest_step()
         metadata = read_metadata(run_dir, step)
         trainee.check_resume(metadata, run_dir / str(step))
-        restored = restore_items(run_dir, step, {"params": abstract(params), "opt_state": abstract(opt_state)})
+        restored = restore_items(run_dir, step, {"params": abstract(params, replicated),
+                                                 "opt_state": abstract(opt_state, replicated)})
         params, opt_state = restored["params"], restored["opt_state"]
         best = metadata.get("best_metric")
         log.write("resume", step=step)
     log.write("start", params=count_params(params), batch_size=training.batch_size,
-              accum=training.grad_accum_steps, **trainee.start_info)
+              accum=training.grad_accum_steps, devices=jax.device_count(), processes=jax.process_count(),
+              **trainee.start_info)
 
     train_step = trainee.make_step(optimizer)
     schedule = lr_schedule(training)
@@ -1699,7 +1745,7 @@ def run_training(trainee: Trainee, config: Config, run_dir: Path, resume: bool, 
         nonlocal window, window_start
         if not window:
             return
-        values = {k: float(np.mean([m[k] for m in jax.device_get(window)])) for k in window[0]}
+        values = {k: float(np.mean([m[k] for m in to_local(window)])) for k in window[0]}
         if not math.isfinite(values["loss"]):
             raise UserError(f"training diverged by step {step} (loss {values['loss']}); the last checkpoint "
                             f"in {run_dir} is intact; lower training.lr and --resume")
@@ -1717,20 +1763,21 @@ def run_training(trainee: Trainee, config: Config, run_dir: Path, resume: bool, 
         nonlocal best, last_metrics
         if trainee.validate is None:
             return
-        last_metrics = trainee.validate(params)
+        last_metrics = trainee.validate(to_local(params))
         log.write("validate", step=step, **{k: round(v, 3) for k, v in last_metrics.items()})
         if is_better(trainee.maximize, last_metrics[trainee.primary_metric], best):
             best = last_metrics[trainee.primary_metric]
             extra = {"step": step, "metrics": last_metrics, "config": dataclasses.asdict(config)}
             save_checkpoint(best_manager, step, to_storage(params), trainee.metadata(extra))
 
-    bar = tqdm(total=total_micro_steps, initial=step, disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=total_micro_steps, initial=step, disable=not progress or not log.writes, dynamic_ncols=True)
     prefetch = concurrent.futures.ThreadPoolExecutor(1)
     stream = trainee.batches.iterate(step, prefetch)
     try:
         while step < total_micro_steps and time.monotonic() < deadline:
-            batch = next(stream)
-            params, opt_state, metrics = train_step(params, opt_state, batch, jax.random.fold_in(base_key, step))
+            batch = to_global(next(stream), rows)
+            key = to_global(jax.random.fold_in(base_key, step), replicated)
+            params, opt_state, metrics = train_step(params, opt_state, batch, key)
             step += 1
             window.append(metrics)
             bar.update(1)
@@ -2041,13 +2088,30 @@ def command_vocab(args, config: Config) -> int:
     return 0
 
 
+def start_distributed(args) -> None:
+    """Join a multi-process run (one process per host, or several on one host) before JAX
+    touches any device."""
+    given = [args.coordinator is not None, args.num_processes is not None, args.process_id is not None]
+    if not any(given):
+        return
+    if not all(given):
+        raise UserError("multi-process training needs all of --coordinator, --num-processes and --process-id")
+    if not 0 <= args.process_id < args.num_processes:
+        raise UserError(f"--process-id must be in [0, {args.num_processes})")
+    # CPU devices of different processes talk through gloo; GPUs use NCCL whatever this says.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+
+
 def command_train(args, config: Config) -> int:
+    start_distributed(args)
     summary = train(config, resume=args.resume, progress=not args.quiet)
     print(json.dumps(summary))
     return 0
 
 
 def command_pretrain(args, config: Config) -> int:
+    start_distributed(args)
     summary = pretrain(config, resume=args.resume, progress=not args.quiet)
     print(json.dumps(summary))
     return 0
@@ -2161,14 +2225,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--min-count", type=int, default=1, help="drop tokens seen fewer times (default 1)")
     sub.set_defaults(run=command_vocab)
 
+    def add_distributed(sub) -> None:
+        sub.add_argument("--coordinator", metavar="HOST:PORT", help="multi-process run: process 0's address")
+        sub.add_argument("--num-processes", type=int, metavar="N", help="multi-process run: how many processes")
+        sub.add_argument("--process-id", type=int, metavar="I", help="multi-process run: this process, 0..N-1")
+
     sub = add("train", "train the OCR model with cross-entropy")
     sub.add_argument("--resume", action="store_true", help="continue the run in training.checkpoint_dir")
     sub.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_distributed(sub)
     sub.set_defaults(run=command_train)
 
     sub = add("pretrain", "pretrain the LaTeX feature extractor (masked-LM + bracket depth)")
     sub.add_argument("--resume", action="store_true", help="continue the run in feature_extractor.checkpoint_path")
     sub.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_distributed(sub)
     sub.set_defaults(run=command_pretrain)
 
     sub = add("eval", "evaluate a checkpoint on a split: BLEU-4, edit distance, exact match, token accuracy")

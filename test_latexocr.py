@@ -693,6 +693,59 @@ def test_cls_pooling_returns_the_first_position(pretrained_extractor, vocab):
     np.testing.assert_allclose(L.extractor_features(model, params, rows, "cls"), model.apply({"params": params}, rows)[:, 0])
 
 
+# --- data-parallel training ---------------------------------------------------------------------
+
+def cli_overrides(overrides):
+    return sum((["--set", f"{section}.{key}={value}"] for section, values in overrides.items()
+                for key, value in values.items()), [])
+
+
+def run_cli(args, env=None):
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, str(ROOT / "latexocr.py"), *map(str, args)], env={**os.environ, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def final_params(run_dir, step):
+    metadata = L.read_metadata(run_dir, step)
+    target = L.abstract(jax.eval_shape(lambda: L.init_params(L.LatexOCR(L.model_config_from_metadata(metadata, run_dir)), 0)))
+    return L.restore_items(run_dir, step, {"params": target})["params"]
+
+
+def max_difference(a, b):
+    return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.abs(np.asarray(x) - np.asarray(y)).max()), a, b)))
+
+
+def test_two_devices_and_two_processes_train_like_one_device(tmp_path, eight_examples):
+    """The same global batch of 8 (augmented) for 3 steps: in this process on one device, in a
+    process with 2 forced host devices, and in two processes joined by jax.distributed."""
+    def overrides(name):
+        return tiny_overrides(tmp_path / name, eight_examples, total_steps=3, warmup_steps=1, eval_every=3, augment=True)
+
+    one = L.train(L.apply_overrides(L.Config(), overrides("one")), progress=False)
+    assert one["step"] == 3
+    two_devices = run_cli(["train", "--quiet", *cli_overrides(overrides("two_devices"))],
+                          {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    port = 20000 + os.getpid() % 20000
+    processes = [run_cli(["train", "--quiet", "--coordinator", f"127.0.0.1:{port}", "--num-processes", 2,
+                          "--process-id", i, *cli_overrides(overrides("two_processes"))]) for i in range(2)]
+    for process in [two_devices, *processes]:
+        out, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err
+        assert json.loads(out.splitlines()[-1])["step"] == 3
+    reference = final_params(tmp_path / "one", 3)
+    moved = max_difference(reference, L.init_params(L.LatexOCR(L.model_config_from_metadata(
+        L.read_metadata(tmp_path / "one", 3), tmp_path)), 0))
+    for name in ("two_devices", "two_processes"):
+        assert max_difference(final_params(tmp_path / name, 3), reference) < 1e-4 < moved
+    log = [json.loads(line) for line in (tmp_path / "two_processes" / "train.log").read_text().splitlines()]
+    start = next(event for event in log if event["event"] == "start")
+    assert (start["devices"], start["processes"]) == (2, 2)
+    assert [event["event"] for event in log].count("done") == 1  # only process 0 writes
+
+
 # --- user errors: one clear line, non-zero exit, no traceback -----------------------------------
 
 @pytest.fixture(scope="module")
@@ -742,6 +795,9 @@ def bad_files(tmp_path_factory):
       "--set", "feature_extractor.checkpoint_path={bad}/p1"], "formula file not found"),
     (["pretrain", "--set", "feature_extractor.pooling=max"], "feature_extractor.pooling must be 'mean' or 'cls'"),
     (["pretrain", "--set", "feature_extractor.checkpoint_path={run}"], "already holds a training run"),
+    (["train", "--coordinator", "127.0.0.1:1234"], "needs all of --coordinator, --num-processes and --process-id"),
+    (["train", "--coordinator", "127.0.0.1:1234", "--num-processes", "2", "--process-id", "2"],
+     "--process-id must be in [0, 2)"),
     (["prepare", "--root", "{bad}/nowhere", "--out", "{bad}/o"], "folder not found"),
     (["prepare", "--root", "{bad}", "--out", "{bad}/o"], "no im2latex_formulas.norm.lst"),
 ])
