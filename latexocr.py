@@ -2090,17 +2090,30 @@ def command_vocab(args, config: Config) -> int:
 
 def start_distributed(args) -> None:
     """Join a multi-process run (one process per host, or several on one host) before JAX
-    touches any device."""
-    given = [args.coordinator is not None, args.num_processes is not None, args.process_id is not None]
-    if not any(given):
+    touches any device. The flags default to JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+    JAX_PROCESS_ID; with only the address, JAX finds the rest under SLURM or Open MPI."""
+    coordinator = args.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    counts = []
+    for value, variable in ((args.num_processes, "JAX_NUM_PROCESSES"), (args.process_id, "JAX_PROCESS_ID")):
+        value = os.environ.get(variable) if value is None else value
+        try:
+            counts.append(None if value is None else int(value))
+        except ValueError:
+            raise UserError(f"{variable} must be an integer, got {value!r}") from None
+    num_processes, process_id = counts
+    if coordinator is None:
+        if num_processes is not None or process_id is not None:
+            raise UserError("a multi-process run needs --coordinator HOST:PORT (process 0's address)")
         return
-    if not all(given):
-        raise UserError("multi-process training needs all of --coordinator, --num-processes and --process-id")
-    if not 0 <= args.process_id < args.num_processes:
-        raise UserError(f"--process-id must be in [0, {args.num_processes})")
+    if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
+        raise UserError(f"--process-id must be in [0, {num_processes})")
     # CPU devices of different processes talk through gloo; GPUs use NCCL whatever this says.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    try:
+        jax.distributed.initialize(coordinator, num_processes, process_id)
+    except (ValueError, RuntimeError) as error:
+        raise UserError(f"could not join the multi-process run at {coordinator}: {error} "
+                        "(give --num-processes and --process-id, or run under SLURM or Open MPI)") from None
 
 
 def command_train(args, config: Config) -> int:
