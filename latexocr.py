@@ -1763,7 +1763,8 @@ def run_training(trainee: Trainee, config: Config, run_dir: Path, resume: bool, 
         nonlocal best, last_metrics
         if trainee.validate is None:
             return
-        last_metrics = trainee.validate(to_local(params))
+        # Validation decodes on this process's first device from its own copy of the parameters.
+        last_metrics = trainee.validate(jax.device_put(to_local(params), jax.local_devices()[0]))
         log.write("validate", step=step, **{k: round(v, 3) for k, v in last_metrics.items()})
         if is_better(trainee.maximize, last_metrics[trainee.primary_metric], best):
             best = last_metrics[trainee.primary_metric]
