@@ -1095,6 +1095,11 @@ def extractor_features(model: FeatureExtractor, params: Any, tokens: jax.Array, 
     return (hidden * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)
 
 
+def make_features(model: FeatureExtractor, pooling: str):
+    """The jitted `features(params, token_ids) -> [batch, dim]` that scores formulas."""
+    return jax.jit(lambda params, token_ids: extractor_features(model, params, token_ids, pooling))
+
+
 def cosine_similarity(a: jax.Array, b: jax.Array) -> jax.Array:
     return (a * b).sum(-1) / jnp.maximum(jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1), 1e-8)
 

@@ -674,7 +674,7 @@ def test_extractor_features_rank_identical_edited_unrelated(pretrained_extractor
     run_dir, _, captions = pretrained_extractor
     model, params, saved_vocab = L.load_feature_extractor(str(run_dir))
     assert saved_vocab.tokens == vocab.tokens
-    features = jax.jit(lambda p, t: L.extractor_features(model, p, t, "mean"))
+    features = L.make_features(model, "mean")
     for i in range(6):
         formula = captions[i].split()
         edited = list(formula)
