@@ -20,6 +20,7 @@ import collections
 import concurrent.futures
 import csv
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -591,6 +592,12 @@ def read_split_file(path: str | Path) -> dict[str, Any]:
     return entries
 
 
+def split_captions(path: str | Path) -> list[str]:
+    """The captions of a split file (entries without a text caption are left out)."""
+    return [e["caption"] for e in read_split_file(path).values()
+            if isinstance(e, dict) and isinstance(e.get("caption"), str)]
+
+
 def load_split(path: str | Path, data: DataConfig, vocab: Vocabulary) -> tuple[list[Example], SplitReport]:
     """Examples of one split; entries with problems are skipped and counted by reason."""
     max_tokens = max(data.sequence_buckets) - 2  # room for <SOS> and <EOS>
@@ -738,12 +745,16 @@ class TrainBatches(BatchStream):
         return self.dataset.batch(self.indices(k)[rows], rngs)
 
 
+def formula_bucket(formula: Sequence[str], data: DataConfig) -> int:
+    """The sequence bucket of `[CLS] formula [SEP]`; longer formulas are cut to the largest."""
+    return sequence_bucket(min(len(formula) + 2, max(data.sequence_buckets)), data)
+
+
 def read_formulas(path: str, vocab: Vocabulary) -> tuple[list[list[str]], int]:
     """Token lists from a split JSON file (its captions) or a text file (one formula a line),
     and how many tokens are not in the vocabulary (they become <UNK>)."""
     if path.endswith(".json"):
-        entries = read_split_file(path)
-        lines = [e["caption"] for e in entries.values() if isinstance(e, dict) and isinstance(e.get("caption"), str)]
+        lines = split_captions(path)
     else:
         file = resolve_path(path)
         if not file.is_file():
@@ -778,7 +789,7 @@ class FormulaBatches(BatchStream):
     def __init__(self, formulas: list[list[str]], vocab: Vocabulary, data: DataConfig, batch_size: int,
                  seed: int, max_depth: int):
         self.formulas, self.vocab, self.batch_size, self.seed, self.max_depth = formulas, vocab, batch_size, seed, max_depth
-        self.buckets = [sequence_bucket(min(len(f) + 2, max(data.sequence_buckets)), data) for f in formulas]
+        self.buckets = [formula_bucket(f, data) for f in formulas]
         self.members: dict[int, list[int]] = collections.defaultdict(list)
         for index, bucket in enumerate(self.buckets):
             self.members[bucket].append(index)
@@ -1196,6 +1207,13 @@ def sequence_lengths(tokens: jax.Array) -> jax.Array:
     return jnp.sum(tokens[..., 1:] != PAD_ID, axis=-1)
 
 
+def greedy_with_scores(model: LatexOCR, params: Any, images: jax.Array,
+                       length_penalty: float) -> tuple[jax.Array, jax.Array]:
+    """Greedy tokens and their length-normalised scores, comparable with beam search's."""
+    tokens, log_prob = greedy_decode(model, params, images)
+    return tokens, length_normalised(log_prob, sequence_lengths(tokens), length_penalty)
+
+
 def beam_search(model: LatexOCR, params: Any, images: jax.Array, beam_width: int,
                 length_penalty: float) -> tuple[jax.Array, jax.Array]:
     """Batched beam search over the KV cache in one lax.while_loop, which stops when every beam
@@ -1282,21 +1300,17 @@ class Predictor:
     def __init__(self, model: LatexOCR, params: Any, vocab: Vocabulary, data: DataConfig,
                  length_penalty: float = 0.7):
         self.model, self.params, self.vocab, self.data = model, params, vocab, data
-        self.length_penalty = length_penalty
-        self._greedy = jax.jit(lambda p, images: greedy_decode(model, p, images))
+        self._greedy = jax.jit(lambda p, images: greedy_with_scores(model, p, images, length_penalty))
         self._beam = jax.jit(lambda p, images, width: beam_search(model, p, images, width, length_penalty),
-                             static_argnums=2)
+                             static_argnames="width")
         self._cross_kv = jax.jit(lambda p, images: encode_for_decoding(model, p, images))
         self._prefix_logits = jax.jit(
             lambda p, tokens, cross_kv: model.apply({"params": p}, tokens, cross_kv, method=LatexOCR.decode))
 
     def decode_batch(self, images: np.ndarray, beam_width: int = 1) -> tuple[list[list[str]], np.ndarray]:
         """images [B, H, W, 1] -> token lists and their length-normalised log-probabilities."""
-        if beam_width == 1:
-            ids, log_prob = self._greedy(self.params, jnp.asarray(images))
-            scores = length_normalised(log_prob, sequence_lengths(ids), self.length_penalty)
-        else:
-            ids, scores = self._beam(self.params, jnp.asarray(images), beam_width)
+        decode = self._greedy if beam_width == 1 else functools.partial(self._beam, width=beam_width)
+        ids, scores = decode(self.params, jnp.asarray(images))
         return [self.vocab.decode(row) for row in np.asarray(ids)], np.asarray(scores)
 
     def predict_images(self, canvases: Sequence[np.ndarray], beam_width: int = 1,
@@ -1422,24 +1436,30 @@ def make_optimizer(training: TrainingConfig) -> optax.GradientTransformation:
     return optimizer
 
 
-def make_train_step(model: LatexOCR, optimizer: optax.GradientTransformation, label_smoothing: float):
-    """Jitted (params, opt_state, batch, key) -> (params, opt_state, metrics); buffers donated."""
+def make_step(loss_and_metrics, optimizer: optax.GradientTransformation):
+    """Jitted (params, opt_state, batch, key) -> (params, opt_state, metrics), buffers donated,
+    for any `loss_and_metrics(params, batch, key) -> (loss, metrics)`."""
 
-    def train_step(params, opt_state, batch, key):
-        tokens = batch["tokens"]
-
-        def loss_fn(p):
-            logits = model.apply({"params": p}, batch["images"], tokens[:, :-1], deterministic=False,
-                                 rngs={"dropout": key})
-            loss, count = cross_entropy(logits, tokens[:, 1:], label_smoothing)
-            return loss, count
-
-        (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    def step(params, opt_state, batch, key):
+        (loss, metrics), grads = jax.value_and_grad(loss_and_metrics, has_aux=True)(params, batch, key)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return params, opt_state, {"loss": loss, "tokens": count, "grad_norm": optax.tree.norm(grads)}
+        return params, opt_state, {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads)}
 
-    return jax.jit(train_step, donate_argnums=(0, 1))
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def make_train_step(model: LatexOCR, optimizer: optax.GradientTransformation, label_smoothing: float):
+    """The cross-entropy step of the OCR model."""
+
+    def loss_and_metrics(params, batch, key):
+        tokens = batch["tokens"]
+        logits = model.apply({"params": params}, batch["images"], tokens[:, :-1], deterministic=False,
+                             rngs={"dropout": key})
+        loss, count = cross_entropy(logits, tokens[:, 1:], label_smoothing)
+        return loss, {"tokens": count}
+
+    return make_step(loss_and_metrics, optimizer)
 
 
 def mask_tokens(key: jax.Array, tokens: jax.Array, vocab_size: int, mask_prob: float) -> tuple[jax.Array, jax.Array]:
@@ -1479,20 +1499,14 @@ def pretraining_losses(model: FeatureExtractor, params: Any, batch: dict[str, ja
 
 def make_pretrain_step(model: FeatureExtractor, optimizer: optax.GradientTransformation,
                        section: FeatureExtractorSection):
-    """Jitted (params, opt_state, batch, key) -> (params, opt_state, metrics); buffers donated."""
+    """The masked-LM + bracket-depth step of the feature extractor."""
 
-    def pretrain_step(params, opt_state, batch, key):
-        def loss_fn(p):
-            parts = pretraining_losses(model, p, batch, key, section.mask_prob, deterministic=False)
-            return section.mlm_weight * parts["mlm_loss"] + section.depth_weight * parts["depth_loss"], parts
+    def loss_and_metrics(params, batch, key):
+        parts = pretraining_losses(model, params, batch, key, section.mask_prob, deterministic=False)
+        loss = section.mlm_weight * parts["mlm_loss"] + section.depth_weight * parts["depth_loss"]
+        return loss, {"mlm_loss": parts["mlm_loss"], "depth_loss": parts["depth_loss"]}
 
-        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        return params, opt_state, {"loss": loss, "mlm_loss": parts["mlm_loss"], "depth_loss": parts["depth_loss"],
-                                   "grad_norm": optax.tree.norm(grads)}
-
-    return jax.jit(pretrain_step, donate_argnums=(0, 1))
+    return make_step(loss_and_metrics, optimizer)
 
 
 # --- checkpoints ------------------------------------------------------------------------------
@@ -1586,19 +1600,23 @@ def abstract(tree: Any, sharding: jax.sharding.Sharding | None = None) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
-def load_predictor(path: str, length_penalty: float = 0.7) -> Predictor:
-    """Rebuild model, parameters, vocabulary and image settings from a checkpoint alone (its
-    best step)."""
+def restore_model(path: str, kind: type) -> tuple[Any, Any, dict]:
+    """Model, parameters and metadata from a checkpoint alone (its best step); kind is
+    ModelConfig (the OCR model) or ExtractorConfig (the feature extractor)."""
+    module, init = {ModelConfig: (LatexOCR, init_params), ExtractorConfig: (FeatureExtractor, init_extractor_params)}[kind]
     directory = find_checkpoint_dir(path)
     step = checkpoint_steps(directory)[-1]
     metadata = read_metadata(directory, step)
-    cfg = model_config_from_metadata(metadata, directory)
-    vocab = Vocabulary(metadata["vocab"])
+    model = module(model_config_from_metadata(metadata, directory, kind))
+    target = abstract(jax.eval_shape(lambda: init(model, 0)))
+    return model, restore_items(directory, step, {"params": target})["params"], metadata
+
+
+def load_predictor(path: str, length_penalty: float = 0.7) -> Predictor:
+    """Rebuild model, parameters, vocabulary and image settings from a checkpoint alone."""
+    model, params, metadata = restore_model(path, ModelConfig)
     data = DataConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in metadata["data"].items()})
-    model = LatexOCR(cfg)
-    target = abstract(jax.eval_shape(lambda: init_params(model, 0)))
-    params = restore_items(directory, step, {"params": target})["params"]
-    return Predictor(model, params, vocab, data, length_penalty)
+    return Predictor(model, params, Vocabulary(metadata["vocab"]), data, length_penalty)
 
 
 def check_compatible(metadata: dict, cfg: ModelConfig | ExtractorConfig, vocab: Vocabulary, where: Path) -> None:
@@ -1615,12 +1633,7 @@ def check_compatible(metadata: dict, cfg: ModelConfig | ExtractorConfig, vocab: 
 
 def load_feature_extractor(path: str) -> tuple[FeatureExtractor, Any, Vocabulary]:
     """The extractor model, its parameters and vocabulary from a `pretrain` checkpoint (best step)."""
-    directory = find_checkpoint_dir(path)
-    step = checkpoint_steps(directory)[-1]
-    metadata = read_metadata(directory, step)
-    model = FeatureExtractor(model_config_from_metadata(metadata, directory, ExtractorConfig))
-    target = abstract(jax.eval_shape(lambda: init_extractor_params(model, 0)))
-    params = restore_items(directory, step, {"params": target})["params"]
+    model, params, metadata = restore_model(path, ExtractorConfig)
     return model, params, Vocabulary(metadata["vocab"])
 
 
@@ -1853,7 +1866,7 @@ def validation_batches(formulas: list[list[str]], vocab: Vocabulary, data: DataC
     which have nothing to score."""
     by_bucket: dict[int, list[list[str]]] = collections.defaultdict(list)
     for formula in formulas:
-        by_bucket[sequence_bucket(min(len(formula) + 2, max(data.sequence_buckets)), data)].append(formula)
+        by_bucket[formula_bucket(formula, data)].append(formula)
     batches = []
     for bucket, members in sorted(by_bucket.items()):
         for start in range(0, len(members), batch_size):
@@ -2085,8 +2098,7 @@ def command_vocab(args, config: Config) -> int:
     if args.min_count < 1:
         raise UserError("--min-count must be at least 1")
     split = args.split or config.data.train_split
-    entries = read_split_file(split)
-    captions = [e["caption"].split() for e in entries.values() if isinstance(e, dict) and isinstance(e.get("caption"), str)]
+    captions = [caption.split() for caption in split_captions(split)]
     vocab = build_vocabulary(captions, args.min_count)
     out = Path(args.out or config.data.vocab_path)
     write_json_atomic(out, vocab.to_json())
