@@ -105,6 +105,8 @@ class TrainingConfig:
     val_samples: int = 200
     log_every: int = 20
     keep_checkpoints: int = 2
+    # An OCR checkpoint whose parameters start a new run (fine-tuning); empty: random initialisation.
+    init_checkpoint: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,12 +151,31 @@ class FeatureExtractorSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class RLConfig:
+    """Stage 2: loss = ce_weight * cross-entropy + lambda_rl * REINFORCE; lambda_rl 0 is plain
+    cross-entropy. A sample's reward is extractor_weight * cosine(extractor features of sample and
+    reference) + bleu_weight * its BLEU-4 + edit_weight * (1 - normalised edit distance)
+    + exact_match_bonus when it equals the reference."""
+
+    lambda_rl: float = 0.0
+    ce_weight: float = 1.0
+    temperature: float = 1.0
+    # mean: the batch's mean reward (the original); self_critical: the reward of the greedy decode.
+    baseline: str = "mean"
+    extractor_weight: float = 1.0
+    bleu_weight: float = 0.0
+    edit_weight: float = 0.0
+    exact_match_bonus: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     data: DataConfig = DataConfig()
     model: ModelSection = ModelSection()
     training: TrainingConfig = TrainingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     feature_extractor: FeatureExtractorSection = FeatureExtractorSection()
+    rl: RLConfig = RLConfig()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,7 +258,9 @@ def apply_overrides(config: Config, overrides: dict[str, dict[str, Any]]) -> Con
 
 
 def validate_config(config: Config) -> Config:
-    d, m, t, e, f = config.data, config.model, config.training, config.evaluation, config.feature_extractor
+    d, m, t, e, f, r = (config.data, config.model, config.training, config.evaluation, config.feature_extractor,
+                        config.rl)
+    reward_weights = (r.extractor_weight, r.bleu_weight, r.edit_weight, r.exact_match_bonus)
     for name in ("bucket_heights", "bucket_widths", "sequence_buckets"):
         if not getattr(d, name):
             raise UserError(f"data.{name} must not be empty")
@@ -278,6 +301,12 @@ def validate_config(config: Config) -> Config:
         (f.mlm_weight >= 0 and f.depth_weight >= 0 and f.mlm_weight + f.depth_weight > 0,
          "feature_extractor.mlm_weight and depth_weight must be >= 0, not both 0"),
         (f.pooling in ("mean", "cls"), "feature_extractor.pooling must be 'mean' or 'cls'"),
+        (r.lambda_rl >= 0 and r.ce_weight >= 0 and r.lambda_rl + r.ce_weight > 0,
+         "rl.lambda_rl and rl.ce_weight must be >= 0, not both 0"),
+        (r.temperature > 0, "rl.temperature must be positive"),
+        (r.baseline in ("mean", "self_critical"), "rl.baseline must be 'mean' or 'self_critical'"),
+        (min(reward_weights) >= 0 and sum(reward_weights) > 0,
+         "rl.extractor_weight, bleu_weight, edit_weight and exact_match_bonus must be >= 0, not all 0"),
     ]
     for ok, message in checks:
         if not ok:
@@ -1376,12 +1405,31 @@ def bleu4(references: Sequence[Sequence[str]], hypotheses: Sequence[Sequence[str
         return 100.0 * corpus_bleu([[list(r)] for r in references], [list(h) for h in hypotheses])
 
 
-def edit_distance(references, hypotheses) -> float:
-    """Mean over the set of token Levenshtein distance / max(len ref, len hyp), x100 (lower is better)."""
+def sentence_bleu4(reference: Sequence, hypothesis: Sequence) -> float:
+    """One formula's BLEU in [0, 1]: up to 4-grams, fewer when either side is shorter (so a
+    right 2-token formula scores 1), smoothed (nltk method 1) so that a partly right formula
+    without a matching 4-gram still scores above 0."""
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+
+    orders = min(4, len(reference), len(hypothesis))
+    if orders == 0:
+        return float(len(reference) == len(hypothesis))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(sentence_bleu([list(reference)], list(hypothesis), weights=[1 / orders] * orders,
+                                   smoothing_function=SmoothingFunction().method1))
+
+
+def edit_similarity(reference: Sequence, hypothesis: Sequence) -> float:
+    """1 - token Levenshtein distance / max(len ref, len hyp): 1 for equal sequences, 0 for nothing in common."""
     import Levenshtein
 
-    scores = [Levenshtein.distance(list(r), list(h)) / max(len(r), len(h), 1)
-              for r, h in zip(references, hypotheses)]
+    return 1.0 - Levenshtein.distance(list(reference), list(hypothesis)) / max(len(reference), len(hypothesis), 1)
+
+
+def edit_distance(references, hypotheses) -> float:
+    """Mean over the set of token Levenshtein distance / max(len ref, len hyp), x100 (lower is better)."""
+    scores = [1.0 - edit_similarity(r, h) for r, h in zip(references, hypotheses)]
     return 100.0 * float(np.mean(scores)) if scores else 0.0
 
 
@@ -1449,17 +1497,133 @@ def make_step(loss_and_metrics, optimizer: optax.GradientTransformation):
     return jax.jit(step, donate_argnums=(0, 1))
 
 
+def ocr_cross_entropy(model: LatexOCR, params: Any, batch: dict[str, jax.Array], key: jax.Array,
+                      label_smoothing: float) -> tuple[jax.Array, jax.Array]:
+    """Teacher-forced cross-entropy of the reference captions, with dropout."""
+    tokens = batch["tokens"]
+    logits = model.apply({"params": params}, batch["images"], tokens[:, :-1], deterministic=False,
+                         rngs={"dropout": key})
+    return cross_entropy(logits, tokens[:, 1:], label_smoothing)
+
+
 def make_train_step(model: LatexOCR, optimizer: optax.GradientTransformation, label_smoothing: float):
     """The cross-entropy step of the OCR model."""
 
     def loss_and_metrics(params, batch, key):
-        tokens = batch["tokens"]
-        logits = model.apply({"params": params}, batch["images"], tokens[:, :-1], deterministic=False,
-                             rngs={"dropout": key})
-        loss, count = cross_entropy(logits, tokens[:, 1:], label_smoothing)
+        loss, count = ocr_cross_entropy(model, params, batch, key, label_smoothing)
         return loss, {"tokens": count}
 
     return make_step(loss_and_metrics, optimizer)
+
+
+def sequence_log_probs(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Summed log-probability of each row's targets [B, L] (<EOS> included, <PAD> not) under
+    teacher-forced logits [B, L, vocab]: differentiable, unlike the sampler's running sum."""
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
+    chosen = jnp.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
+    return (chosen * (targets != PAD_ID)).sum(-1)
+
+
+def reinforce_loss(log_probs: jax.Array, advantages: jax.Array) -> jax.Array:
+    """mean(-log p(sample) * advantage) with the advantage held constant: its gradient raises the
+    probability of samples that beat the baseline and lowers that of the others."""
+    return -(log_probs * jax.lax.stop_gradient(advantages)).mean()
+
+
+def as_extractor_input(tokens: jax.Array) -> jax.Array:
+    """Decoder rows (<SOS> ids <EOS> <PAD>...) framed as the extractor reads formulas ([CLS] ids [SEP] <PAD>...)."""
+    return jnp.where(tokens == SOS_ID, CLS_ID, jnp.where(tokens == EOS_ID, SEP_ID, tokens))
+
+
+def formula_ids(row: np.ndarray) -> list[int]:
+    """The formula's token ids in a decoder row: after <SOS>, up to <EOS> or the end."""
+    ids = [int(t) for t in row[1:]]
+    return ids[: ids.index(EOS_ID)] if EOS_ID in ids else [t for t in ids if t != PAD_ID]
+
+
+def text_rewards(rl: RLConfig, references: Sequence[list[int]], hypotheses: Sequence[list[int]]) -> np.ndarray:
+    """The parts of each sample's reward computed from its tokens on the host: BLEU, edit
+    similarity and the exact-match bonus (the extractor's part is added on the device)."""
+    rewards = np.zeros(len(references), np.float32)
+    for i, (reference, hypothesis) in enumerate(zip(references, hypotheses)):
+        if rl.bleu_weight:
+            rewards[i] += rl.bleu_weight * sentence_bleu4(reference, hypothesis)
+        if rl.edit_weight:
+            rewards[i] += rl.edit_weight * edit_similarity(reference, hypothesis)
+        rewards[i] += rl.exact_match_bonus * (reference == hypothesis)
+    return rewards
+
+
+def trim_to_bucket(rows: np.ndarray, least: int, buckets: Sequence[int]) -> np.ndarray:
+    """Decoded rows [B, max_seq_len] cut to the smallest sequence bucket that holds every row
+    and is at least `least` (the references' width, so one shape serves both most of the time)."""
+    longest = max(least, int(np.max(np.sum(rows != PAD_ID, axis=1))))
+    return rows[:, : next((b for b in sorted(buckets) if b >= longest), rows.shape[1])]
+
+
+def make_rl_step(model: LatexOCR, optimizer: optax.GradientTransformation, label_smoothing: float,
+                 rl: RLConfig, sequence_buckets: Sequence[int], extractor: tuple[Any, Any] | None = None):
+    """The stage-2 step: draw one sequence per image with the KV-cached sampler (and, for the
+    self-critical baseline, the greedy one), score it against the reference on the host, then
+    one jitted update of ce_weight * CE + lambda_rl * REINFORCE. The sampled sequences'
+    log-probabilities are recomputed teacher-forced so that they carry gradient. `extractor` is
+    the frozen (features function, parameters) when rl.extractor_weight > 0."""
+    decoded_names = ("samples", "greedy") if rl.baseline == "self_critical" else ("samples",)
+
+    @jax.jit
+    def decode(params, images, key):
+        decoded = {"samples": sample_decode(model, params, images, jax.random.fold_in(key, 1), rl.temperature)[0]}
+        if rl.baseline == "self_critical":
+            decoded["greedy"] = greedy_decode(model, params, images)[0]
+        return decoded
+
+    def rewards_of(batch, name):
+        rewards = batch[f"{name}_reward"]
+        if extractor is not None:
+            features, extractor_params = extractor[0], batch["extractor"]
+            reference = features(extractor_params, as_extractor_input(batch["tokens"]))
+            candidate = features(extractor_params, as_extractor_input(batch[name]))
+            rewards = rewards + rl.extractor_weight * cosine_similarity(candidate, reference)
+        return rewards
+
+    def loss_and_metrics(params, batch, key):
+        samples = batch["samples"]
+        # The policy that drew the samples, so no dropout here.
+        logits = model.apply({"params": params}, batch["images"], samples[:, :-1])
+        rewards = rewards_of(batch, "samples")
+        baseline = rewards.mean() if rl.baseline == "mean" else rewards_of(batch, "greedy")
+        rl_loss = reinforce_loss(sequence_log_probs(logits, samples[:, 1:]), rewards - baseline)
+        metrics = {"rl_loss": rl_loss, "reward": rewards.mean(), "exact": batch["exact"].mean()}
+        if rl.ce_weight == 0:
+            return rl.lambda_rl * rl_loss, metrics
+        ce_loss, count = ocr_cross_entropy(model, params, batch, key, label_smoothing)
+        return rl.ce_weight * ce_loss + rl.lambda_rl * rl_loss, {"ce_loss": ce_loss, "tokens": count, **metrics}
+
+    update = make_step(loss_and_metrics, optimizer)
+
+    @functools.lru_cache(maxsize=1)
+    def replicated_extractor(mesh: jax.sharding.Mesh):
+        return to_global(extractor[1], jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+    def step(params, opt_state, batch, key):
+        rows = batch["images"].sharding
+        decoded = jax.device_put(decode(params, batch["images"], key), rows)
+        reference_rows = local_rows(batch["tokens"])
+        references = [formula_ids(row) for row in reference_rows]
+        extra = {}
+        for name in decoded_names:
+            tokens = local_rows(decoded[name])
+            hypotheses = [formula_ids(row) for row in tokens]
+            extra[name] = trim_to_bucket(tokens, reference_rows.shape[1], sequence_buckets)
+            extra[f"{name}_reward"] = text_rewards(rl, references, hypotheses)
+            if name == "samples":
+                extra["exact"] = np.array([r == h for r, h in zip(references, hypotheses)], np.float32)
+        batch = {**batch, **to_global(extra, rows)}
+        if extractor is not None:
+            batch["extractor"] = replicated_extractor(rows.mesh)
+        return update(params, opt_state, batch, key)
+
+    return step
 
 
 def mask_tokens(key: jax.Array, tokens: jax.Array, vocab_size: int, mask_prob: float) -> tuple[jax.Array, jax.Array]:
@@ -1571,8 +1735,9 @@ def model_config_from_metadata(metadata: dict, where: Path, kind: type = ModelCo
     """The saved ModelConfig (or ExtractorConfig), refusing a checkpoint of the other kind."""
     saved_kind = metadata.get("kind", "ocr")
     if saved_kind != CHECKPOINT_KINDS[kind]:
-        raise UserError(f"checkpoint {where} holds a {saved_kind.replace('_', ' ')} model, "
-                        f"not the {CHECKPOINT_KINDS[kind].replace('_', ' ')} model needed here")
+        names = {"ocr": "OCR model", "feature_extractor": "feature extractor"}
+        raise UserError(f"checkpoint {where} holds the weights of the {names.get(saved_kind, saved_kind)}, "
+                        f"not of the {names[CHECKPOINT_KINDS[kind]]} needed here")
     try:
         return kind(**{**metadata["model"], "dtype": "float32"})
     except (KeyError, TypeError) as error:
@@ -1702,6 +1867,12 @@ def to_global(tree: Any, sharding: jax.sharding.Sharding) -> Any:
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
 
 
+def local_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows of a global array split (or replicated) along its first axis, in order."""
+    shards = {shard.index[0].start or 0: shard.data for shard in x.addressable_shards}
+    return np.concatenate([np.asarray(shards[start]) for start in sorted(shards)])
+
+
 def to_local(tree: Any) -> Any:
     """This process's full copy of replicated global arrays, as numpy."""
     return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
@@ -1769,7 +1940,8 @@ def run_training(trainee: Trainee, config: Config, run_dir: Path, resume: bool, 
                             f"in {run_dir} is intact; lower training.lr and --resume")
         rate = len(window) * training.batch_size / (time.monotonic() - window_start)
         lr = float(schedule(step // training.grad_accum_steps))
-        bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
+        shown = {k: f"{v:.3f}" for k, v in values.items() if k not in ("tokens", "grad_norm")}
+        bar.set_postfix(**shown, lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
         log.write("train", console=False, step=step, **values, lr=lr, samples_per_s=rate)
         window, window_start = [], time.monotonic()
 
@@ -1840,6 +2012,8 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> dict[s
     train_set = Dataset(train_examples, data)
     val_set = Dataset(val_examples[: training.val_samples], data) if val_examples else None
     model = LatexOCR(cfg)
+    params = initial_params(model, training, vocab)
+    make_ocr_step = stage_two_step(model, config, vocab)
     predictor = Predictor(LatexOCR(dataclasses.replace(cfg, dtype="float32")), None, vocab, data)
 
     def validate(params):
@@ -1847,17 +2021,58 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> dict[s
         return evaluate_dataset(predictor, val_set, config.evaluation.batch_size)[0]
 
     trainee = Trainee(
-        params=init_params(model, training.seed),
-        make_step=lambda optimizer: make_train_step(model, optimizer, training.label_smoothing),
+        params=params,
+        make_step=make_ocr_step,
         batches=TrainBatches(train_set, training.batch_size, training.seed, training.augment),
         validate=validate if val_set is not None else None,
         primary_metric=config.evaluation.primary_metric,
         maximize=METRIC_DIRECTIONS[config.evaluation.primary_metric] == "max",
         metadata=lambda extra: checkpoint_metadata(cfg, vocab, data, extra),
         check_resume=lambda metadata, where: check_compatible(metadata, cfg, vocab, where),
-        start_info={"model": config.model.size, "train_examples": len(train_set)})
+        start_info={"model": config.model.size, "train_examples": len(train_set),
+                    "init": training.init_checkpoint or "random", "lambda_rl": config.rl.lambda_rl})
     return run_training(trainee, config, run_dir, resume, progress,
                         [train_report.summary(), val_report.summary()])
+
+
+def initial_params(model: LatexOCR, training: TrainingConfig, vocab: Vocabulary) -> Any:
+    """Random parameters, or those of training.init_checkpoint (checked against this model and vocabulary)."""
+    if not training.init_checkpoint:
+        return init_params(model, training.seed)
+    _, params, metadata = restore_model(training.init_checkpoint, ModelConfig)
+    check_compatible(metadata, model.cfg, vocab, resolve_path(training.init_checkpoint))
+    return params
+
+
+def stage_two_step(model: LatexOCR, config: Config, vocab: Vocabulary):
+    """optimizer -> the OCR training step: plain cross-entropy when rl.lambda_rl is 0, else
+    CE + REINFORCE, loading the frozen feature extractor first when the reward uses it."""
+    rl, training = config.rl, config.training
+    if rl.lambda_rl == 0:
+        return lambda optimizer: make_train_step(model, optimizer, training.label_smoothing)
+    extractor = None
+    if rl.extractor_weight > 0:
+        extractor = frozen_extractor(config.feature_extractor, model.cfg, vocab)
+    return lambda optimizer: make_rl_step(model, optimizer, training.label_smoothing, rl,
+                                          config.data.sequence_buckets, extractor)
+
+
+def frozen_extractor(section: FeatureExtractorSection, cfg: ModelConfig, vocab: Vocabulary) -> tuple[Any, Any]:
+    """The reward's (features function, parameters) from feature_extractor.checkpoint_path,
+    refusing one that cannot read this model's formulas."""
+    advice = ("the REINFORCE reward uses the feature extractor (rl.extractor_weight > 0): make one with "
+              "`latexocr.py pretrain`, point feature_extractor.checkpoint_path at it, or set rl.extractor_weight=0")
+    try:
+        model, params, extractor_vocab = load_feature_extractor(section.checkpoint_path)
+    except UserError as error:
+        raise UserError(f"{error}; {advice}") from None
+    if extractor_vocab.tokens != vocab.tokens:
+        raise UserError(f"feature extractor {section.checkpoint_path} was pretrained with another vocabulary "
+                        f"({len(extractor_vocab)} tokens vs {len(vocab)} in the configured vocab.json); {advice}")
+    if model.cfg.max_seq_len < cfg.max_seq_len:
+        raise UserError(f"feature extractor {section.checkpoint_path} reads at most {model.cfg.max_seq_len} tokens, "
+                        f"fewer than model.max_seq_len {cfg.max_seq_len}; {advice}")
+    return make_features(model, section.pooling), params
 
 
 def validation_batches(formulas: list[list[str]], vocab: Vocabulary, data: DataConfig, batch_size: int,

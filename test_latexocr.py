@@ -13,6 +13,7 @@ os.environ.setdefault("LATEXOCR_CACHE_DIR", "")  # tests compile with optimizati
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from PIL import Image, ImageDraw
 
@@ -691,6 +692,119 @@ def test_cls_pooling_returns_the_first_position(pretrained_extractor, vocab):
     model, params, _ = L.load_feature_extractor(str(run_dir))
     rows = jnp.asarray(L.extractor_inputs([captions[0].split()], vocab, 96, 8)["tokens"])
     np.testing.assert_allclose(L.extractor_features(model, params, rows, "cls"), model.apply({"params": params}, rows)[:, 0])
+
+
+# --- REINFORCE ----------------------------------------------------------------------------------
+
+def test_text_rewards_hand_worked():
+    rl = L.RLConfig(bleu_weight=0.5, edit_weight=0.25, exact_match_bonus=2.0)
+    references, hypotheses = [[7, 8, 9, 10], [11, 12]], [[7, 9, 10], [11, 12]]
+    partial, exact = L.text_rewards(rl, references, hypotheses)
+    assert exact == pytest.approx(0.5 * 1.0 + 0.25 * 1.0 + 2.0)
+    assert partial == pytest.approx(0.5 * L.sentence_bleu4(references[0], hypotheses[0]) + 0.25 * 0.75)
+    assert 0 < L.sentence_bleu4(references[0], hypotheses[0]) < 1  # smoothed: no 4-gram, still above 0
+    assert L.sentence_bleu4([7, 8, 9], []) == 0.0 and L.sentence_bleu4([], []) == 1.0
+    assert L.formula_ids(np.array([L.SOS_ID, 7, 8, L.EOS_ID, L.PAD_ID])) == [7, 8]
+
+
+def test_rl_gradient_equals_hand_computed_on_a_toy_case():
+    """d/dz of mean_b(-A_b * sum_t log softmax(z_bt)[y_bt]) is -A_b / B * (onehot(y_bt) - softmax(z_bt))
+    at every scored position, and 0 after the sequence ended."""
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 5)), jnp.float32)
+    targets = jnp.array([[7 % 5, 3, L.EOS_ID], [4, L.EOS_ID, L.PAD_ID]])
+    advantages = jnp.array([0.5, -2.0])
+    grad = jax.grad(lambda z: L.reinforce_loss(L.sequence_log_probs(z, targets), advantages))(logits)
+    probs = jax.nn.softmax(logits)
+    expected = -advantages[:, None, None] / 2 * (jax.nn.one_hot(targets, 5) - probs)
+    expected = expected * (targets != L.PAD_ID)[..., None]
+    np.testing.assert_allclose(grad, expected, atol=1e-6)
+    assert np.all(np.asarray(grad[1, 2]) == 0)
+
+
+def test_rl_update_raises_the_probability_of_samples_above_the_baseline(tiny_model):
+    """The original's REINFORCE term had no gradient; ours moves log p(sample) with the advantage's sign."""
+    model, params = tiny_model
+    images = jnp.asarray(np.random.default_rng(2).random((2, 32, 128, 1), np.float32))
+    samples = jnp.array([[L.SOS_ID, 9, 12, 15, L.EOS_ID], [L.SOS_ID, 20, 8, L.EOS_ID, L.PAD_ID]])
+
+    def log_probs(p):
+        return L.sequence_log_probs(model.apply({"params": p}, images, samples[:, :-1]), samples[:, 1:])
+
+    advantages = jnp.array([1.0, -1.0])
+    grads = jax.grad(lambda p: L.reinforce_loss(log_probs(p), advantages))(params)
+    assert float(optax.tree.norm(grads)) > 0
+    stepped = jax.tree.map(lambda p, g: p - 0.05 * g, params, grads)
+    before, after = np.asarray(log_probs(params)), np.asarray(log_probs(stepped))
+    assert after[0] > before[0] and after[1] < before[1]
+
+
+@pytest.fixture(scope="module")
+def eight_batch(eight_examples, vocab):
+    data = L.DataConfig(image_base_dir=str(DATA / "images"))
+    dataset = L.Dataset(L.load_split(eight_examples, data, vocab)[0], data)
+    mesh = L.data_parallel_mesh(8)
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    return L.to_global(dataset.batch(np.arange(8)), rows)
+
+
+def test_rl_step_with_lambda_zero_is_the_cross_entropy_step(tiny_model, eight_batch):
+    model, params = tiny_model
+    optimizer = L.make_optimizer(L.TrainingConfig(lr=1e-3, warmup_steps=0, total_steps=10))
+    copy = lambda tree: jax.tree.map(jnp.array, tree)  # noqa: E731  (steps donate their inputs)
+    key = jax.random.PRNGKey(3)
+    rl = L.RLConfig(lambda_rl=0.0, extractor_weight=0.0, edit_weight=1.0)
+    ce_params, _, ce_metrics = L.make_train_step(model, optimizer, 0.1)(
+        copy(params), optimizer.init(params), eight_batch, key)
+    rl_params, _, rl_metrics = L.make_rl_step(model, optimizer, 0.1, rl, (48, 96, 160, 256))(
+        copy(params), optimizer.init(params), eight_batch, key)
+    assert float(rl_metrics["loss"]) == pytest.approx(float(ce_metrics["loss"]), abs=1e-6)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), ce_params, rl_params)
+    assert not np.allclose(ce_params["head"]["bias"], params["head"]["bias"])
+
+
+def test_extractor_reward_with_self_critical_baseline_steps(tiny_model, eight_batch, pretrained_extractor):
+    model, params = tiny_model
+    extractor, extractor_params, _ = L.load_feature_extractor(str(pretrained_extractor[0]))
+    optimizer = L.make_optimizer(L.TrainingConfig(lr=1e-3, warmup_steps=0, total_steps=10))
+    rl = L.RLConfig(lambda_rl=1.0, baseline="self_critical", exact_match_bonus=1.0)
+    step = L.make_rl_step(model, optimizer, 0.1, rl, (48, 96, 160, 256),
+                          (L.make_features(extractor, "mean"), extractor_params))
+    _, _, metrics = step(jax.tree.map(jnp.array, params), optimizer.init(params), eight_batch, jax.random.PRNGKey(0))
+    assert {"ce_loss", "rl_loss", "reward", "exact"} <= set(metrics)
+    assert -1.0 <= float(metrics["reward"]) <= 2.0 and float(metrics["exact"]) == 0.0
+    assert np.isfinite(float(metrics["rl_loss"])) and float(metrics["rl_loss"]) != 0.0
+
+
+def test_rl_only_training_raises_the_mean_reward(tmp_path, eight_examples):
+    """REINFORCE alone (no cross-entropy) from a random tiny model, rewarded by edit similarity."""
+    overrides = tiny_overrides(tmp_path / "rl", eight_examples, total_steps=40, eval_every=40, log_every=5)
+    overrides["model"]["max_seq_len"] = 64
+    overrides["data"]["sequence_buckets"] = [48, 64]
+    overrides["rl"] = {"lambda_rl": 1.0, "ce_weight": 0.0, "extractor_weight": 0.0, "edit_weight": 1.0,
+                       "exact_match_bonus": 0.0}
+    L.train(L.apply_overrides(L.Config(), overrides), progress=False)
+    log = [json.loads(line) for line in (tmp_path / "rl" / "train.log").read_text().splitlines()]
+    rewards = [event["reward"] for event in log if event["event"] == "train"]
+    assert len(rewards) == 8 and "ce_loss" not in log[-3]
+    assert np.mean(rewards[-3:]) > 2 * rewards[0]
+
+
+def test_rl_refuses_a_missing_or_mismatched_extractor(tmp_path, eight_examples, overfit_run, pretrained_extractor):
+    def attempt(**changes):
+        overrides = tiny_overrides(tmp_path / "never", eight_examples, total_steps=20)
+        overrides["rl"] = {"lambda_rl": 1.0}
+        for key, value in changes.items():
+            section, name = key.split("__")
+            overrides.setdefault(section, {})[name] = value
+        with pytest.raises(L.UserError) as error:
+            L.train(L.apply_overrides(L.Config(), overrides), progress=False)
+        assert not (tmp_path / "never").exists()
+        return str(error.value)
+
+    assert "pretrain" in attempt(feature_extractor__checkpoint_path=str(tmp_path / "missing"))
+    assert "the OCR model, not of the feature extractor" in attempt(feature_extractor__checkpoint_path=str(overfit_run[0]))
+    assert "reads at most 256 tokens" in attempt(feature_extractor__checkpoint_path=str(pretrained_extractor[0]),
+                                                 model__max_seq_len=320)
 
 
 # --- data-parallel training ---------------------------------------------------------------------
