@@ -21,6 +21,7 @@ import concurrent.futures
 import csv
 import dataclasses
 import functools
+import io
 import itertools
 import json
 import math
@@ -464,20 +465,27 @@ def load_vocabulary(path: str | Path) -> Vocabulary:
 
 # --- images -----------------------------------------------------------------------------------
 
-def open_image(path: str | Path) -> Image.Image:
-    """Open and fully decode an image, refusing decompression bombs before decoding."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"image not found: {path}")
+def decode_image(file: Any, name: str) -> Image.Image:
+    """Fully decode an image from a path or binary file, refusing decompression bombs from the
+    size in the header, before decoding."""
     try:
-        with Image.open(path) as image:
+        with Image.open(file) as image:
             if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise UserError(f"image {path} is {image.width}x{image.height} pixels, over the "
+                raise UserError(f"image {name} is {image.width}x{image.height} pixels, over the "
                                 f"{MAX_IMAGE_PIXELS:,} pixel limit; crop or downscale it")
             image.load()
             return image.copy()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise UserError(f"cannot read image {path}: {error}") from None
+    except UnidentifiedImageError:
+        raise UserError(f"cannot read image {name}: not an image in a format Pillow reads (PNG, JPEG, ...)") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise UserError(f"cannot read image {name}: {error}") from None
+
+
+def open_image(path: str | Path) -> Image.Image:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"image not found: {path}")
+    return decode_image(path, str(path))
 
 
 def ink_crop(image: Image.Image, name: str = "image") -> np.ndarray:
@@ -928,12 +936,12 @@ def write_json_atomic(path: Path, value: Any) -> None:
 # --- models -----------------------------------------------------------------------------------
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """q [B, Lq, H, D], k/v [B, Lk, H, D], mask broadcastable to [B, H, Lq, Lk] -> [B, Lq, H, D]."""
+def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
+    """q [B, Lq, H, D], k [B, Lk, H, D], mask broadcastable to [B, H, Lq, Lk] -> weights [B, H, Lq, Lk]
+    (float32, each query's row sums to 1)."""
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
     logits = jnp.where(mask, logits.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    return jax.nn.softmax(logits, axis=-1)
 
 
 class MultiHeadAttention(nn.Module):
@@ -949,7 +957,10 @@ class MultiHeadAttention(nn.Module):
         return self.key(x), self.value(x)
 
     def __call__(self, x: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-        return self.out(attention(self.query(x), k, v, mask))
+        weights = attention_weights(self.query(x), k, mask)
+        # Kept only when the caller asks for the "intermediates" collection (attention pictures).
+        self.sow("intermediates", "weights", weights)
+        return self.out(jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v))
 
 
 class MLP(nn.Module):
@@ -1335,6 +1346,21 @@ class Predictor:
         self._cross_kv = jax.jit(lambda p, images: encode_for_decoding(model, p, images))
         self._prefix_logits = jax.jit(
             lambda p, tokens, cross_kv: model.apply({"params": p}, tokens, cross_kv, method=LatexOCR.decode))
+        self._attention = jax.jit(lambda p, images, tokens, layer: cross_attention_maps(model, p, images, tokens, layer),
+                                  static_argnames="layer")
+
+    def attention_maps(self, canvas: np.ndarray, tokens: Sequence[str], layer: int = -1) -> np.ndarray:
+        """Where the decoder looked for each token of a decoded answer: [len(tokens), rows, cols],
+        each map summing to 1 (cross-attention of decoder layer `layer`, averaged over heads)."""
+        layers = self.model.cfg.decoder_layers
+        if not -layers <= layer < layers:
+            raise UserError(f"attention layer {layer} does not exist: the decoder has {layers} layers "
+                            f"(0..{layers - 1}, or -1 for the last)")
+        ids = [SOS_ID, *self.vocab.encode(tokens), EOS_ID]
+        length = sequence_bucket(len(ids), self.data) if len(ids) <= max(self.data.sequence_buckets) else len(ids)
+        rows = token_array([np.asarray(ids[1:])], length)
+        maps = self._attention(self.params, jnp.asarray(canvas)[None, ..., None], jnp.asarray(rows), layer=layer % layers)
+        return np.asarray(maps[0, : len(tokens)])
 
     def decode_batch(self, images: np.ndarray, beam_width: int = 1) -> tuple[list[list[str]], np.ndarray]:
         """images [B, H, W, 1] -> token lists and their length-normalised log-probabilities."""
@@ -1392,6 +1418,43 @@ class Predictor:
             if done.all():
                 break
         return [self.vocab.decode(row) for row in tokens]
+
+
+# --- attention pictures -----------------------------------------------------------------------
+
+def cross_attention_maps(model: LatexOCR, params: Any, images: jax.Array, tokens: jax.Array, layer: int) -> jax.Array:
+    """Teacher-forced over token rows [B, L] (<SOS> first): for the token predicted at each of
+    the L - 1 positions, decoder layer `layer`'s cross-attention over the image patches,
+    averaged over heads, as [B, L - 1, patch rows, patch cols]."""
+    _, state = model.apply({"params": params}, images, tokens[:, :-1], mutable=["intermediates"])
+    weights = state["intermediates"][f"blocks_{layer}"]["cross_attention"]["weights"][0]  # [B, H, L-1, patches]
+    patch = model.cfg.patch_size
+    return weights.mean(1).reshape(*weights.shape[:1], weights.shape[2], images.shape[1] // patch, images.shape[2] // patch)
+
+
+def attention_picture(canvas: np.ndarray, tokens: Sequence[str], maps: np.ndarray, max_width: int = 1600) -> Image.Image:
+    """A grid with one panel per token: the model's input canvas (ink dark on white) under a red
+    heat map of that token's attention (stretched from its own minimum to maximum), the token
+    written above."""
+    from PIL import ImageDraw
+
+    height, width = canvas.shape
+    label_height, gap = 16, 6
+    columns = max(1, min(len(tokens), (max_width + gap) // (width + gap)))
+    grid_rows = max(1, math.ceil(len(tokens) / columns))
+    picture = Image.new("RGB", (columns * (width + gap) - gap, grid_rows * (height + label_height + gap) - gap), "white")
+    draw = ImageDraw.Draw(picture)
+    paper = (255.0 - 200.0 * np.clip(canvas, 0.0, 1.0))[..., None].repeat(3, -1)
+    red = np.array([230.0, 20.0, 20.0])
+    for i, (token, heat) in enumerate(zip(tokens, maps)):
+        scale = (height // heat.shape[0], width // heat.shape[1])
+        spread = (heat - heat.min()) / max(float(heat.max() - heat.min()), 1e-12)
+        alpha = 0.7 * np.kron(spread, np.ones(scale))[..., None]
+        panel = Image.fromarray((paper * (1 - alpha) + red * alpha).astype(np.uint8))
+        x, y = (i % columns) * (width + gap), (i // columns) * (height + label_height + gap)
+        draw.text((x + 2, y + 2), token, fill="black")
+        picture.paste(panel, (x, y + label_height))
+    return picture
 
 
 # --- metrics ----------------------------------------------------------------------------------
@@ -2136,6 +2199,211 @@ def pretrain(config: Config, resume: bool = False, progress: bool = True) -> dic
     return run_training(trainee, config, run_dir, resume, progress, notes)
 
 
+# --- web service ------------------------------------------------------------------------------
+
+STATIC_DIR = MODULE_DIR / "static"
+MAX_BEAM_WIDTH = 10
+STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript", ".css": "text/css",
+                ".woff2": "font/woff2", ".png": "image/png"}
+
+
+class HTTPError(Exception):
+    """A request the service refuses: the HTTP status and a message for the JSON body."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class OCRService:
+    """The model behind `serve`: loaded and compiled once; requests are read and preprocessed
+    in parallel, and decode one at a time (they share the device and the jitted decoders)."""
+
+    def __init__(self, predictor: Predictor, max_bytes: int):
+        import threading
+
+        self.predictor, self.max_bytes = predictor, max_bytes
+        self.lock = threading.Lock()
+
+    def warm_up(self) -> None:
+        """Compile greedy decoding and the attention pass for every image bucket now, not on the first requests."""
+        data = self.predictor.data
+        for height in data.bucket_heights:
+            for width in data.bucket_widths:
+                blank = np.zeros((height, width), np.float32)
+                self.predictor.predict_images([blank], 1, batch_size=1)
+                self.predictor.attention_maps(blank, ["x"])
+
+    def canvas(self, body: bytes) -> np.ndarray:
+        try:
+            return preprocess_image(decode_image(io.BytesIO(body), "upload"), self.predictor.data, "upload")
+        except UserError as error:
+            raise HTTPError(400, str(error)) from None
+
+    def predict(self, body: bytes, beam_width: int) -> dict[str, Any]:
+        canvas = self.canvas(body)
+        start = time.perf_counter()
+        with self.lock:
+            [(tokens, score)] = self.predictor.predict_images([canvas], beam_width, batch_size=1)
+        return {"latex": detokenize(tokens), "tokens": tokens, "score": round(score, 4),
+                "seconds": round(time.perf_counter() - start, 4)}
+
+    def attention_png(self, body: bytes, beam_width: int, layer: int) -> bytes:
+        canvas = self.canvas(body)
+        with self.lock:
+            [(tokens, _)] = self.predictor.predict_images([canvas], beam_width, batch_size=1)
+            maps = self.predictor.attention_maps(canvas, tokens, layer)
+        buffer = io.BytesIO()
+        attention_picture(canvas, tokens, maps).save(buffer, "PNG")
+        return buffer.getvalue()
+
+    def health(self) -> dict[str, Any]:
+        cfg = self.predictor.model.cfg
+        return {"status": "ok", "parameters": count_params(self.predictor.params), "vocabulary": len(self.predictor.vocab),
+                "decoder_layers": cfg.decoder_layers, "max_beam_width": MAX_BEAM_WIDTH, "max_bytes": self.max_bytes,
+                "device": jax.devices()[0].platform}
+
+
+def request_options(query: dict[str, list[str]], fields: dict[str, str]) -> tuple[int, int]:
+    """(beam width, attention layer) from the query string or form fields: method greedy|beam, beam N, layer L."""
+    values = {**{k: v[-1] for k, v in query.items()}, **fields}
+    method = values.get("method", "beam" if "beam" in values else "greedy")
+    try:
+        width = int(values.get("beam", 5)) if method == "beam" else 1
+        layer = int(values.get("layer", -1))
+    except ValueError:
+        raise HTTPError(400, "beam and layer must be integers") from None
+    if method not in ("greedy", "beam"):
+        raise HTTPError(400, f"method must be 'greedy' or 'beam', not {method!r}")
+    if not 1 <= width <= MAX_BEAM_WIDTH:
+        raise HTTPError(400, f"beam must be between 1 and {MAX_BEAM_WIDTH}")
+    return width, layer
+
+
+def image_and_fields(content_type: str, body: bytes) -> tuple[bytes, dict[str, str]]:
+    """The image bytes and the text fields of a request: a multipart form (its file part, or the
+    part named `image`) or the raw body."""
+    if not content_type.startswith("multipart/form-data"):
+        return body, {}
+    from email.parser import BytesParser
+    from email.policy import HTTP
+
+    message = BytesParser(policy=HTTP).parsebytes(f"Content-Type: {content_type}\r\n\r\n".encode() + body)
+    if not message.is_multipart():
+        raise HTTPError(400, "malformed multipart body")
+    image, fields = None, {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        payload = part.get_payload(decode=True) or b""
+        if part.get_filename() is not None or name == "image":
+            image = payload if image is None else image
+        elif name:
+            fields[name] = payload.decode("utf-8", "replace")
+    if image is None:
+        raise HTTPError(400, "the form has no image file part")
+    return image, fields
+
+
+def make_handler(service: OCRService):
+    """The request handler class for `service` (http.server builds one handler per request)."""
+    from http.server import BaseHTTPRequestHandler
+    from urllib.parse import parse_qs, urlsplit
+
+    routes = {"/": "GET", "/api/health": "GET", "/api/predict": "POST", "/api/attention": "POST"}
+
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "latexocr"
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:
+            sys.stderr.write(f"[serve] {self.address_string()} {format % args}\n")
+
+        def send(self, status: int, body: bytes, content_type: str, **headers: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            for name, value in headers.items():
+                self.send_header(name.replace("_", "-"), value)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def send_json(self, status: int, value: dict[str, Any], **headers: str) -> None:
+            self.send(status, json.dumps(value, ensure_ascii=False).encode(), "application/json", **headers)
+
+        def answer(self, method: str) -> None:
+            url = urlsplit(self.path)
+            try:
+                if method == "GET" and url.path.startswith("/static/"):
+                    return self.static_file(url.path[len("/static/"):])
+                if url.path not in routes:
+                    raise HTTPError(404, f"no such path: {url.path}")
+                if routes[url.path] != method:
+                    self.close_connection = True  # a body sent with the wrong method is left unread
+                    return self.send_json(405, {"error": f"{url.path} takes {routes[url.path]}, not {method}"},
+                                          Allow=routes[url.path])
+                if url.path == "/":
+                    return self.static_file("index.html")
+                if url.path == "/api/health":
+                    return self.send_json(200, service.health())
+                image, fields = image_and_fields(self.headers.get("Content-Type", ""), self.read_body())
+                width, layer = request_options(parse_qs(url.query), fields)
+                if url.path == "/api/predict":
+                    return self.send_json(200, service.predict(image, width))
+                return self.send(200, service.attention_png(image, width, layer), "image/png")
+            except (HTTPError, UserError) as error:
+                # The body may be unread: the connection cannot carry another request.
+                self.close_connection = True
+                self.send_json(getattr(error, "status", 400), {"error": str(error)})
+
+        def read_body(self) -> bytes:
+            """The request body, refused unread (and the connection closed) when over the limit."""
+            length = self.headers.get("Content-Length")
+            if length is None or not length.isdigit():
+                raise HTTPError(411, "send the image with a Content-Length header")
+            if int(length) > service.max_bytes:
+                # Read and drop a moderately large body so the client sees the answer, not a reset.
+                remaining = int(length) if int(length) <= 8 * service.max_bytes else 0
+                while remaining > 0:
+                    chunk = self.rfile.read(min(1 << 16, remaining))
+                    remaining = remaining - len(chunk) if chunk else 0
+                raise HTTPError(413, f"request body of {int(length):,} bytes is over the {service.max_bytes:,} byte limit")
+            if int(length) == 0:
+                raise HTTPError(400, "empty body: send the image bytes or a multipart form with an image")
+            return self.rfile.read(int(length))
+
+        def static_file(self, name: str) -> None:
+            path = (STATIC_DIR / name).resolve()
+            if STATIC_DIR.resolve() not in path.parents or not path.is_file() or path.suffix not in STATIC_TYPES:
+                raise HTTPError(404, f"no such file: /static/{name}")
+            self.send(200, path.read_bytes(), STATIC_TYPES[path.suffix], Cache_Control="max-age=3600")
+
+        def do_GET(self) -> None:
+            self.answer("GET")
+
+        def do_POST(self) -> None:
+            self.answer("POST")
+
+        def do_PUT(self) -> None:
+            self.answer("PUT")
+
+        def do_DELETE(self) -> None:
+            self.answer("DELETE")
+
+        def do_PATCH(self) -> None:
+            self.answer("PATCH")
+
+    return Handler
+
+
+def make_server(service: OCRService, host: str, port: int):
+    """A threaded HTTP server for `service` on host:port (port 0: any free port)."""
+    from http.server import ThreadingHTTPServer
+
+    server = ThreadingHTTPServer((host, port), make_handler(service))
+    server.daemon_threads = True
+    return server
+
+
 # --- commands ---------------------------------------------------------------------------------
 
 def enable_compilation_cache() -> None:
@@ -2417,6 +2685,14 @@ def command_predict(args, config: Config) -> int:
     decode_start = time.perf_counter()
     results = predictor.predict_images(canvases, evaluation.decode_width)
     decode_seconds = time.perf_counter() - decode_start
+    if args.attention:
+        for name, canvas, (tokens, _) in zip(names, canvases, results):
+            path = attention_path(args.attention, name, len(names) > 1)
+            maps = predictor.attention_maps(canvas, tokens, args.attention_layer)
+            try:
+                attention_picture(canvas, tokens, maps).save(path)
+            except OSError as error:
+                raise UserError(f"cannot write the attention picture {path}: {error.strerror or error}") from None
     if args.json:
         print(json.dumps({"load_seconds": round(load_seconds, 3), "decode_seconds": round(decode_seconds, 3),
                           "decoding": evaluation.describe_decoding(),
@@ -2426,6 +2702,33 @@ def command_predict(args, config: Config) -> int:
         for tokens, _ in results:
             print(detokenize(tokens))
     return 1 if failures else 0
+
+
+def attention_path(base: str, image: str, several: bool) -> Path:
+    """--attention FILE.png for one image; FILE_<image stem>.png each when there are several."""
+    path = Path(base).with_suffix(".png")
+    return path.with_name(f"{path.stem}_{Path(image).stem}.png") if several else path
+
+
+def command_serve(args, config: Config) -> int:
+    if not 0 <= args.port < 65536 or args.max_mb <= 0:
+        raise UserError("--port must be 0..65535 and --max-mb positive")
+    evaluation = config.evaluation
+    predictor = load_predictor(args.checkpoint or evaluation.checkpoint_path, evaluation.length_penalty)
+    service = OCRService(predictor, int(args.max_mb * 1024 * 1024))
+    print("latexocr: compiling the decoder for every image bucket...", file=sys.stderr)
+    service.warm_up()
+    try:
+        server = make_server(service, args.host, args.port)
+    except OSError as error:
+        raise UserError(f"cannot listen on {args.host}:{args.port}: {error.strerror or error}") from None
+    host, port = server.server_address[:2]
+    print(f"latexocr: serving http://{host}:{port}/ (Ctrl-C stops)", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+    return 0
 
 
 def command_bench(args, config: Config) -> int:
@@ -2502,7 +2805,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="beams compare log-probability / length ** X (default: evaluation.length_penalty)")
     sub.add_argument("--json", action="store_true",
                      help="machine-readable output with timings and each answer's length-normalised log-probability")
+    sub.add_argument("--attention", metavar="FILE.png",
+                     help="also draw where the decoder looked for each token (FILE_<image>.png for several images)")
+    sub.add_argument("--attention-layer", type=int, default=-1, metavar="L",
+                     help="decoder layer whose cross-attention is drawn, averaged over heads (default -1: the last)")
     sub.set_defaults(run=command_predict)
+
+    sub = add("serve", "web page and JSON API: upload an image, get its LaTeX")
+    sub.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    sub.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    sub.add_argument("--checkpoint", help="run or checkpoint directory (default: evaluation.checkpoint_path)")
+    sub.add_argument("--max-mb", type=float, default=10.0, help="largest request body in MB (default 10)")
+    sub.set_defaults(run=command_serve)
 
     sub = add("bench", "time and measure decoding on the test split's images (default: the shipped model)")
     sub.add_argument("--checkpoint", help="run or checkpoint directory (default: evaluation.checkpoint_path)")

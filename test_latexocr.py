@@ -1,7 +1,9 @@
 """Tests for latexocr.py: run with `python -m pytest -q test_latexocr.py`."""
 
 import collections
+import concurrent.futures
 import dataclasses
+import io
 import json
 import math
 import os
@@ -95,7 +97,7 @@ def test_bad_config_values_are_named(option, message):
 
 
 def test_shipped_configs_load():
-    for name in ("train.yaml", "eval.yaml", "pretrain.yaml"):
+    for name in ("train.yaml", "eval.yaml", "pretrain.yaml", "finetune_rl.yaml"):
         L.load_config(str(ROOT / "configs" / name))
 
 
@@ -858,6 +860,176 @@ def test_two_devices_and_two_processes_train_like_one_device(tmp_path, eight_exa
     start = next(event for event in log if event["event"] == "start")
     assert (start["devices"], start["processes"]) == (2, 2)
     assert [event["event"] for event in log].count("done") == 1  # only process 0 writes
+
+
+# --- web service and attention pictures ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def server(overfit_run):
+    """`serve`'s server for the overfitted tiny model, on a free port, with a 1 MB body limit."""
+    import threading
+
+    predictor = L.load_predictor(str(overfit_run[0]))
+    httpd = L.make_server(L.OCRService(predictor, max_bytes=1_000_000), "127.0.0.1", 0)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", predictor
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def http(url, body=None, method=None, headers=None):
+    """(status, parsed JSON or raw bytes) of one request."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            status, content, kind = response.status, response.read(), response.headers.get("Content-Type")
+    except urllib.error.HTTPError as error:
+        status, content, kind = error.code, error.read(), error.headers.get("Content-Type")
+    return status, json.loads(content) if kind == "application/json" else content
+
+
+def multipart(image, **fields):
+    boundary = "latexocr-test-boundary"
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+             for k, v in fields.items()]
+    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="f.png"\r\n'
+                 f'Content-Type: image/png\r\n\r\n'.encode() + image + f"\r\n--{boundary}--\r\n".encode())
+    return b"".join(parts), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+@pytest.fixture(scope="module")
+def eight_images(eight_examples):
+    entries = json.loads(eight_examples.read_text())
+    return [((DATA / "images" / e["img_path"]).read_bytes(), e["caption"]) for e in entries.values()]
+
+
+def test_server_answers_like_predict(server, eight_images):
+    url, predictor = server
+    for image, caption in eight_images[:4]:
+        canvas = L.preprocess_image(L.decode_image(io.BytesIO(image), "x"), predictor.data)
+        expected = L.detokenize(predictor.predict_images([canvas])[0][0])
+        status, answer = http(f"{url}/api/predict", image)
+        assert status == 200 and answer["latex"] == expected == caption
+        assert answer["tokens"] == caption.split() and answer["seconds"] > 0
+    body, headers = multipart(eight_images[0][0], method="beam", beam="3")
+    status, answer = http(f"{url}/api/predict", body, headers=headers)
+    assert status == 200 and answer["latex"] == eight_images[0][1]
+    status, health = http(f"{url}/api/health")
+    assert status == 200 and health["status"] == "ok"
+    status, page = http(f"{url}/")
+    assert status == 200 and b"/api/predict" in page
+
+
+def png_declaring(width, height):
+    """A PNG whose header claims width x height pixels (its pixel data is a 1x1 image's)."""
+    import struct
+    import zlib
+
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1), 255).save(buffer, "PNG")
+    data = bytearray(buffer.getvalue())
+    header = b"IHDR" + struct.pack(">II", width, height) + bytes(data[24:29])
+    data[12:29] = header
+    data[29:33] = struct.pack(">I", zlib.crc32(header))
+    return bytes(data)
+
+
+BAD_REQUESTS = [  # (what, method, path, body, status)
+    ("text, not an image", "POST", "/api/predict", b"hello, not an image", 400),
+    ("truncated PNG", "POST", "/api/predict", (DATA / "images" / "1015942522.png").read_bytes()[:300], 400),
+    ("empty body", "POST", "/api/predict", b"", 400),
+    ("1.5 MB body over the 1 MB limit", "POST", "/api/predict", b"\0" * 1_500_000, 413),
+    ("PNG declaring 20000x20000 pixels", "POST", "/api/predict", png_declaring(20000, 20000), 400),
+    ("beam width 0", "POST", "/api/predict?method=beam&beam=0", (DATA / "images" / "1015942522.png").read_bytes(), 400),
+    ("unknown method", "POST", "/api/predict?method=magic", (DATA / "images" / "1015942522.png").read_bytes(), 400),
+    ("GET of the predict API", "GET", "/api/predict", None, 405),
+    ("PUT of the page", "PUT", "/", b"x", 405),
+    ("POST of health", "POST", "/api/health", b"x", 405),
+    ("unknown path", "GET", "/nothing-here", None, 404),
+    ("path out of the static folder", "GET", "/static/../latexocr.py", None, 404),
+]
+
+
+@pytest.mark.parametrize("what, method, path, body, status", BAD_REQUESTS, ids=[r[0] for r in BAD_REQUESTS])
+def test_server_refuses_bad_requests_and_keeps_serving(server, what, method, path, body, status):
+    url, _ = server
+    got, answer = http(url + path, body, method)
+    assert got == status and answer["error"]
+    assert http(f"{url}/api/health")[0] == 200
+
+
+def test_server_answers_twenty_concurrent_requests(server, eight_images):
+    url, _ = server
+    jobs = [eight_images[i % len(eight_images)] for i in range(20)]
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(lambda job: http(f"{url}/api/predict", job[0]), jobs))
+    assert [status for status, _ in answers] == [200] * 20
+    assert [answer["latex"] for _, answer in answers] == [caption for _, caption in jobs]
+
+
+def test_attention_picture_has_a_panel_per_token_of_maps_summing_to_one(server, eight_images):
+    url, predictor = server
+    image, caption = eight_images[0]
+    canvas = L.preprocess_image(L.decode_image(io.BytesIO(image), "x"), predictor.data)
+    tokens = caption.split()
+    for layer in (0, -1):
+        maps = predictor.attention_maps(canvas, tokens, layer)
+        assert maps.shape == (len(tokens), canvas.shape[0] // 16, canvas.shape[1] // 16)
+        np.testing.assert_allclose(maps.sum((1, 2)), 1.0, atol=1e-5)
+    picture = L.attention_picture(canvas, tokens, maps, max_width=1000)
+    columns = (1000 + 6) // (canvas.shape[1] + 6)
+    rows = math.ceil(len(tokens) / columns)
+    assert picture.size == (columns * (canvas.shape[1] + 6) - 6, rows * (canvas.shape[0] + 16 + 6) - 6)
+    with pytest.raises(L.UserError, match="decoder has 2 layers"):
+        predictor.attention_maps(canvas, tokens, 2)
+    status, png = http(f"{url}/api/attention", image)
+    assert status == 200 and Image.open(io.BytesIO(png)).size[0] > canvas.shape[1]
+
+
+def test_cli_predict_draws_attention(overfit_run, eight_images, eight_examples, tmp_path, capsys):
+    entries = list(json.loads(eight_examples.read_text()).values())[:2]
+    images = [DATA / "images" / e["img_path"] for e in entries]
+    code, out, _ = run_main(["predict", *images, "--checkpoint", overfit_run[0], "--attention", tmp_path / "att.png"],
+                            capsys)
+    assert code == 0 and out.splitlines() == [e["caption"] for e in entries]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"att_{p.stem}.png" for p in images)
+
+
+def test_browser_uploads_an_image_and_shows_its_latex(server, eight_images, eight_examples, tmp_path):
+    """Headless Debian Chromium, driven by Selenium: upload a sample image through the page and find
+    its LaTeX there. The screenshot is kept in test_artifacts/. CI installs the browser
+    (LATEXOCR_REQUIRE_BROWSER=1 makes its absence a failure)."""
+    chromium, driver_path = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+    if not (chromium.exists() and driver_path.exists()):
+        if os.environ.get("LATEXOCR_REQUIRE_BROWSER"):
+            pytest.fail("Debian chromium and chromium-driver are not installed")
+        pytest.skip("needs Debian chromium and chromium-driver")
+    from selenium import webdriver
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, _ = server
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(chromium)
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,900"):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=str(driver_path)))
+    try:
+        browser.get(url + "/")
+        entry = next(iter(json.loads(eight_examples.read_text()).values()))
+        browser.find_element(By.ID, "file").send_keys(str(DATA / "images" / entry["img_path"]))
+        WebDriverWait(browser, 60).until(lambda b: b.find_element(By.ID, "latex").get_property("value"))
+        assert browser.find_element(By.ID, "latex").get_property("value") == entry["caption"]
+        assert browser.find_elements(By.CSS_SELECTOR, "#rendered .katex")  # rendered, not an error
+        assert "ms" in browser.find_element(By.ID, "status").text
+        artifacts = ROOT / "test_artifacts"
+        artifacts.mkdir(exist_ok=True)
+        browser.save_screenshot(str(artifacts / "serve_page.png"))
+    finally:
+        browser.quit()
 
 
 # --- user errors: one clear line, non-zero exit, no traceback -----------------------------------
