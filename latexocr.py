@@ -9,6 +9,8 @@ tokens, greedily or by beam search, with a KV cache inside one jitted loop.
     python latexocr.py prepare --root ~/im2latex100k --out my_data --copy-images
     python latexocr.py vocab --split my_data/train.json --out my_data/vocab.json
     python latexocr.py bench
+    python latexocr.py serve                       # web page and JSON API on http://127.0.0.1:8000/
+    python latexocr.py train --config configs/finetune_rl.yaml   # CE + REINFORCE fine-tuning
 
 Every command runs on the sample set in data/ when given no arguments.
 """
