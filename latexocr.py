@@ -20,17 +20,23 @@ from __future__ import annotations
 import argparse
 import collections
 import concurrent.futures
+import contextlib
 import csv
 import dataclasses
 import functools
+import hashlib
+import inspect
 import io
 import itertools
 import json
+import logging
 import math
 import os
 import re
 import shutil
+import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -229,13 +235,15 @@ def _convert(value: Any, default: Any, key: str) -> Any:
         if isinstance(default, tuple):
             items = value.strip("[]()").split(",") if isinstance(value, str) else list(value)
             return tuple(_convert(v, default[0], key) for v in items if str(v).strip() != "")
-        if isinstance(default, int):
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(float(value)) if isinstance(value, str) else int(value)
-        if isinstance(default, float):
-            return float(value)
-        return str(value)
+        # YAML's `yes`, a list or a mapping is never a number or a name.
+        if isinstance(value, (bool, list, dict)) or value is None:
+            raise ValueError
+        if isinstance(default, str):
+            return str(value)
+        number = float(value)
+        if not math.isfinite(number) or (isinstance(default, int) and not number.is_integer()):
+            raise ValueError
+        return int(number) if isinstance(default, int) else number
     except (TypeError, ValueError):
         raise UserError(f"config key {key}: {value!r} is not a valid {type(default).__name__}") from None
 
@@ -270,6 +278,8 @@ def validate_config(config: Config) -> Config:
     checks = [
         (m.size in MODEL_SIZES, f"model.size must be one of {', '.join(MODEL_SIZES)}"),
         (m.patch_size > 0, "model.patch_size must be positive"),
+        (d.margin >= 0, "data.margin must be >= 0"),
+        (min(d.bucket_heights + d.bucket_widths) > 0, "data.bucket_heights and data.bucket_widths must be positive"),
         (all(h % m.patch_size == 0 for h in d.bucket_heights + d.bucket_widths),
          "data.bucket_heights and data.bucket_widths must be multiples of model.patch_size"),
         (0 < d.min_ink_height <= d.max_ink_height <= max(d.bucket_heights) - 2 * d.margin,
@@ -279,6 +289,7 @@ def validate_config(config: Config) -> Config:
         (0.0 <= m.dropout < 1.0, "model.dropout must be in [0, 1)"),
         (t.batch_size > 0, "training.batch_size must be positive"),
         (t.grad_accum_steps > 0, "training.grad_accum_steps must be positive"),
+        (t.seed >= 0, "training.seed must be >= 0"),
         (t.lr > 0, "training.lr must be positive"),
         (t.weight_decay >= 0, "training.weight_decay must be >= 0"),
         (t.warmup_steps >= 0, "training.warmup_steps must be >= 0"),
@@ -477,10 +488,23 @@ def decode_image(file: Any, name: str) -> Image.Image:
                                 f"{MAX_IMAGE_PIXELS:,} pixel limit; crop or downscale it")
             image.load()
             return image.copy()
+    except Image.DecompressionBombError:  # Pillow's own limit, far above ours, hit while opening
+        raise UserError(f"image {name} is over the {MAX_IMAGE_PIXELS:,} pixel limit; crop or downscale it") from None
     except UnidentifiedImageError:
         raise UserError(f"cannot read image {name}: not an image in a format Pillow reads (PNG, JPEG, ...)") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+    except (OSError, SyntaxError, ValueError) as error:
         raise UserError(f"cannot read image {name}: {error}") from None
+
+
+def image_header_problem(path: Path) -> str | None:
+    """Why an image file cannot be used, judged from its header alone; None when it looks usable."""
+    try:
+        with Image.open(path) as image:
+            return "image over the pixel limit" if image.width * image.height > MAX_IMAGE_PIXELS else None
+    except Image.DecompressionBombError:
+        return "image over the pixel limit"
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return "not an image Pillow reads"
 
 
 def open_image(path: str | Path) -> Image.Image:
@@ -612,37 +636,54 @@ class SplitReport:
 
     def summary(self) -> str:
         parts = [f"{self.path}: {self.loaded} examples"]
-        parts += [f"skipped {len(names)} ({reason})" for reason, names in self.skipped.items()]
+        for reason, names in self.skipped.items():
+            shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            parts.append(f"skipped {len(names)} ({reason}: {shown})")
         if self.unknown_tokens:
             parts.append(f"{self.unknown_tokens} tokens not in the vocabulary (mapped to {UNK})")
         return ", ".join(parts)
 
 
-def read_split_file(path: str | Path) -> dict[str, Any]:
+class JsonObject(list):
+    """A JSON object's (key, value) pairs in file order, so repeated keys can be seen."""
+
+
+def read_split_file(path: str | Path) -> tuple[dict[str, Any], list[str]]:
+    """The entries of a split file, and the image names it gives more than once (the first
+    entry of each is kept)."""
     file = resolve_path(str(path))
     if not file.is_file():
         raise UserError(f"split file not found: {path}")
     try:
-        entries = json.loads(file.read_text())
+        pairs = json.loads(file.read_text(), object_pairs_hook=JsonObject)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise UserError(f"split file {path} is not valid JSON: {error}") from None
-    if not isinstance(entries, dict):
+    if not isinstance(pairs, JsonObject):
         raise UserError(f"split file {path} must map image names to {{img_path, caption, caption_len}}")
-    return entries
+    entries: dict[str, Any] = {}
+    duplicates = []
+    for name, entry in pairs:
+        if name in entries:
+            duplicates.append(name)
+        else:
+            entries[name] = dict(entry) if isinstance(entry, JsonObject) else entry
+    return entries, duplicates
 
 
 def split_captions(path: str | Path) -> list[str]:
     """The captions of a split file (entries without a text caption are left out)."""
-    return [e["caption"] for e in read_split_file(path).values()
+    return [e["caption"] for e in read_split_file(path)[0].values()
             if isinstance(e, dict) and isinstance(e.get("caption"), str)]
 
 
 def load_split(path: str | Path, data: DataConfig, vocab: Vocabulary) -> tuple[list[Example], SplitReport]:
     """Examples of one split; entries with problems are skipped and counted by reason."""
     max_tokens = max(data.sequence_buckets) - 2  # room for <SOS> and <EOS>
-    entries = read_split_file(path)
+    entries, duplicates = read_split_file(path)
     base = resolve_path(data.image_base_dir)
     report = SplitReport(str(path))
+    if duplicates:
+        report.skipped["image name given again, first entry kept"] = duplicates
     examples = []
     for name, entry in entries.items():
         if not isinstance(entry, dict) or not isinstance(entry.get("img_path"), str) \
@@ -682,16 +723,30 @@ def token_array(ids_list: Sequence[np.ndarray], length: int) -> np.ndarray:
 class Dataset:
     """Examples with their ink crops held in memory (decoded once), grouped into fixed shapes."""
 
-    def __init__(self, examples: list[Example], data: DataConfig, workers: int = 2):
-        self.examples = examples
+    def __init__(self, examples: list[Example], data: DataConfig, report: SplitReport | None = None,
+                 workers: int = 2):
+        """An image that cannot be read (corrupt, blank) is skipped and counted in `report`;
+        without a report it is an error."""
         self.data = data
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            self.inks = list(pool.map(self._load_ink, examples))
+            inks = list(pool.map(self._load_ink, examples))
+        failed = [(example, ink) for example, ink in zip(examples, inks) if isinstance(ink, UserError)]
+        if failed:
+            if report is None:
+                raise failed[0][1]
+            report.skipped["image unreadable or blank"] += [example.name for example, _ in failed]
+            report.loaded -= len(failed)
+        kept = [(example, ink) for example, ink in zip(examples, inks) if not isinstance(ink, UserError)]
+        self.examples = [example for example, _ in kept]
+        self.inks = [ink for _, ink in kept]
         self.keys = [choose_bucket(ink.shape, data) + (sequence_bucket(len(ex.ids) + 2, data),)
-                     for ink, ex in zip(self.inks, examples)]
+                     for ex, ink in kept]
 
-    def _load_ink(self, example: Example) -> np.ndarray:
-        return scale_into_range(ink_crop(open_image(example.image_path), example.name), self.data)
+    def _load_ink(self, example: Example) -> np.ndarray | UserError:
+        try:
+            return scale_into_range(ink_crop(open_image(example.image_path), example.name), self.data)
+        except UserError as error:
+            return error
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -907,6 +962,8 @@ def prepare(pairs, images: Path, out: Path, copy_images: bool) -> dict[str, dict
             skipped[split]["empty formula"].append(name)
         elif not (images / name).is_file():
             skipped[split]["image missing"].append(name)
+        elif problem := image_header_problem(images / name):
+            skipped[split][problem].append(name)
         elif name in splits[split]:
             skipped[split]["duplicate image name"].append(name)
         else:
@@ -1743,7 +1800,8 @@ def make_pretrain_step(model: FeatureExtractor, optimizer: optax.GradientTransfo
 def checkpoint_manager(directory: Path, keep: int):
     import orbax.checkpoint as ocp
 
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep)
+    # A save cut off by a crash leaves a temporary folder; it is removed when the run resumes.
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, cleanup_tmp_directories=True)
     return ocp.CheckpointManager(directory.resolve(), options=options)
 
 
@@ -1755,11 +1813,23 @@ def checkpoint_metadata(cfg: ModelConfig | ExtractorConfig, vocab: Vocabulary, d
             "data": dataclasses.asdict(data), **extra}
 
 
+def params_digest(params: Any) -> str:
+    """SHA-256 of every parameter's name, dtype, shape and bytes (this process's copy), saved with
+    a checkpoint so that damaged weights are noticed when loaded instead of decoding garbage."""
+    digest = hashlib.sha256()
+    for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(params), key=lambda item: jax.tree_util.keystr(item[0])):
+        array = np.asarray(leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf)
+        digest.update(f"{jax.tree_util.keystr(path)} {array.dtype} {array.shape}".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
 def save_checkpoint(manager, step: int, params: Any, metadata: dict, opt_state: Any = None) -> None:
     """Orbax writes into a temporary directory and renames it when complete, so an interrupted
     save never replaces the previous checkpoint."""
     import orbax.checkpoint as ocp
 
+    metadata = {**metadata, "params_sha256": params_digest(params)}
     items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(metadata)}
     if opt_state is not None:
         items["opt_state"] = ocp.args.StandardSave(opt_state)
@@ -1809,18 +1879,61 @@ def model_config_from_metadata(metadata: dict, where: Path, kind: type = ModelCo
         raise UserError(f"checkpoint {where} has a malformed model config: {error}") from None
 
 
+def leaf_name(path: Sequence[Any]) -> str:
+    """A leaf's dotted name as orbax stores it (a named tuple's fields are stored as mapping keys)."""
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def leaves_by_name(tree: Any) -> dict[str, Any]:
+    return {leaf_name(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def shape_mismatch(stored: dict[str, Any], target: dict[str, Any]) -> str | None:
+    """The first parameter whose stored shape differs from the target's, or that only one side has."""
+    for key in sorted(stored.keys() | target.keys()):
+        if key not in target:
+            return f"it holds {key}, which this model does not have"
+        if key not in stored:
+            return f"it lacks {key}"
+        if tuple(stored[key].shape) != tuple(target[key].shape):
+            return f"{key} is stored with shape {tuple(stored[key].shape)}, this model needs {tuple(target[key].shape)}"
+    return None
+
+
 def restore_items(directory: Path, step: int, items: dict[str, Any]) -> dict[str, Any]:
+    """Restore each named item into its target's shapes, dtypes and placement. The stored shapes
+    are compared first (a failed restore leaves orbax's background reads complaining), and the
+    parameters are checked against the digest saved with them, in the dtype they were stored in."""
     import orbax.checkpoint as ocp
 
     where = directory / str(step)
+    stored = {}
+    for name, target in items.items():
+        try:
+            stored[name] = ocp.StandardCheckpointHandler().metadata((where / name).resolve())
+        except Exception as error:  # orbax raises many types for a missing or unreadable item
+            raise UserError(f"checkpoint {where} has no readable {name}: {str(error).splitlines()[0][:300]}") from None
+        problem = shape_mismatch(leaves_by_name(stored[name]), leaves_by_name(target))
+        if problem:
+            raise UserError(f"checkpoint {where} does not match this model: {problem}")
+    as_stored = {name: jax.tree_util.tree_map_with_path(
+        lambda path, t, dtypes=leaves_by_name(stored[name]): jax.ShapeDtypeStruct(
+            t.shape, dtypes[leaf_name(path)].dtype, sharding=t.sharding), target)
+        for name, target in items.items()}
     checkpointer = ocp.StandardCheckpointer()
     try:
-        return {name: checkpointer.restore((where / name).resolve(), target) for name, target in items.items()}
-    except (ValueError, KeyError, TypeError, FileNotFoundError) as error:
-        raise UserError(f"checkpoint {where} does not match this model: "
-                        f"{str(error).splitlines()[0][:300]}") from None
+        restored = {name: checkpointer.restore((where / name).resolve(), as_stored[name]) for name in items}
+    except Exception as error:  # tensorstore reports a truncated or missing data file as a bare Exception
+        reason = str(error).split(". See full TensorStore details")[0].splitlines()[0][:200]
+        raise UserError(f"checkpoint {where} is damaged or incomplete ({reason}); "
+                        "copy it again or use another checkpoint") from None
     finally:
         checkpointer.close()
+    saved_digest = read_metadata(directory, step).get("params_sha256")
+    if "params" in restored and saved_digest and params_digest(restored["params"]) != saved_digest:
+        raise UserError(f"checkpoint {where} is damaged: its parameters do not match the checksum saved with them; "
+                        "copy it again or use another checkpoint")
+    return {name: jax.tree.map(lambda x, t: x.astype(t.dtype), restored[name], items[name]) for name in items}
 
 
 def abstract(tree: Any, sharding: jax.sharding.Sharding | None = None) -> Any:
@@ -1949,6 +2062,30 @@ def refuse_to_overwrite(run_dir: Path, resume: bool) -> None:
                         "or choose another checkpoint folder")
 
 
+@contextlib.contextmanager
+def stop_requests() -> Iterator[threading.Event]:
+    """Ctrl-C (SIGINT) or SIGTERM sets the event, so the training loop stops after its current
+    step and saves; a second signal acts as usual (stops at once, keeping the last checkpoint)."""
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield requested
+        return
+    previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+
+    def request(number, frame):
+        requested.set()
+        for restored, handler in previous.items():
+            signal.signal(restored, handler)
+
+    for number in previous:
+        signal.signal(number, request)
+    try:
+        yield requested
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
 def run_training(trainee: Trainee, config: Config, run_dir: Path, resume: bool, progress: bool,
                  notes: Sequence[str] = ()) -> dict[str, Any]:
     """The training loop shared by `train` and `pretrain`. Checkpoints: `<run_dir>/<step>`
@@ -2011,6 +2148,8 @@ def run_training(trainee: Trainee, config: Config, run_dir: Path, resume: bool, 
         window, window_start = [], time.monotonic()
 
     def save(step: int) -> None:
+        if step in manager.all_steps():  # resumed from it, or saved just before an interruption
+            return
         extra = {"step": step, "best_metric": best, "config": dataclasses.asdict(config)}
         save_checkpoint(manager, step, params, trainee.metadata(extra), opt_state)
 
@@ -2023,6 +2162,8 @@ def run_training(trainee: Trainee, config: Config, run_dir: Path, resume: bool, 
         log.write("validate", step=step, **{k: round(v, 3) for k, v in last_metrics.items()})
         if is_better(trainee.maximize, last_metrics[trainee.primary_metric], best):
             best = last_metrics[trainee.primary_metric]
+            if step in best_manager.all_steps():  # saved before a crash that came before the latest save
+                return
             extra = {"step": step, "metrics": last_metrics, "config": dataclasses.asdict(config)}
             save_checkpoint(best_manager, step, to_storage(params), trainee.metadata(extra))
 
@@ -2030,35 +2171,37 @@ def run_training(trainee: Trainee, config: Config, run_dir: Path, resume: bool, 
     prefetch = concurrent.futures.ThreadPoolExecutor(1)
     stream = trainee.batches.iterate(step, prefetch)
     try:
-        while step < total_micro_steps and time.monotonic() < deadline:
-            batch = to_global(next(stream), rows)
-            key = to_global(jax.random.fold_in(base_key, step), replicated)
-            params, opt_state, metrics = train_step(params, opt_state, batch, key)
-            step += 1
-            window.append(metrics)
-            bar.update(1)
-            if step % training.log_every == 0 or step % training.eval_every == 0:
-                log_window(step)
-            if step % training.eval_every == 0:
+        with stop_requests() as stop:
+            while step < total_micro_steps and time.monotonic() < deadline and not stop.is_set():
+                batch = to_global(next(stream), rows)
+                key = to_global(jax.random.fold_in(base_key, step), replicated)
+                params, opt_state, metrics = train_step(params, opt_state, batch, key)
+                step += 1
+                window.append(metrics)
+                bar.update(1)
+                if step % training.log_every == 0 or step % training.eval_every == 0:
+                    log_window(step)
+                if step % training.eval_every == 0:
+                    validate(step)
+                    save(step)
+            bar.close()
+            log_window(step)
+            if stop.is_set():
+                log.write("interrupted", step=step)
+            elif step % training.eval_every:
                 validate(step)
-                save(step)
-    except KeyboardInterrupt:
-        manager.wait_until_finished()
-        log.write("interrupted", step=step)
-        raise
+            save(step)
     finally:
         bar.close()
         stream.close()
         prefetch.shutdown(cancel_futures=True)
-    if step % training.eval_every:
-        log_window(step)
-        validate(step)
-        save(step)
-    manager.wait_until_finished()
-    best_manager.wait_until_finished()
-    manager.close()
-    best_manager.close()
-    summary = {"step": step, "best_metric": best, "metrics": last_metrics, "checkpoint_dir": str(run_dir)}
+        # A save still being written in the background is finished, whatever stopped the loop.
+        manager.wait_until_finished()
+        best_manager.wait_until_finished()
+        manager.close()
+        best_manager.close()
+    summary = {"step": step, "best_metric": best, "metrics": last_metrics, "checkpoint_dir": str(run_dir),
+               "interrupted": stop.is_set()}
     log.write("done", **{k: v for k, v in summary.items() if k != "metrics"})
     return summary
 
@@ -2074,8 +2217,11 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> dict[s
     val_examples, val_report = load_split(data.validate_split, data, vocab)
     if not train_examples:
         raise UserError(f"no usable training examples in {data.train_split}")
-    train_set = Dataset(train_examples, data)
-    val_set = Dataset(val_examples[: training.val_samples], data) if val_examples else None
+    train_set = Dataset(train_examples, data, train_report)
+    if not len(train_set):
+        raise UserError(f"no readable training images in {data.train_split}")
+    val_set = Dataset(val_examples[: training.val_samples], data, val_report)
+    val_set = val_set if len(val_set) else None
     model = LatexOCR(cfg)
     params = initial_params(model, training, vocab)
     make_ocr_step = stage_two_step(model, config, vocab)
@@ -2619,18 +2765,23 @@ def start_distributed(args) -> None:
                         "(give --num-processes and --process-id, or run under SLURM or Open MPI)") from None
 
 
+def finish_training(summary: dict[str, Any]) -> int:
+    print(json.dumps(summary))
+    if summary["interrupted"]:
+        print(f"latexocr: interrupted; saved step {summary['step']} in {summary['checkpoint_dir']}; "
+              "continue with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
 def command_train(args, config: Config) -> int:
     start_distributed(args)
-    summary = train(config, resume=args.resume, progress=not args.quiet)
-    print(json.dumps(summary))
-    return 0
+    return finish_training(train(config, resume=args.resume, progress=not args.quiet))
 
 
 def command_pretrain(args, config: Config) -> int:
     start_distributed(args)
-    summary = pretrain(config, resume=args.resume, progress=not args.quiet)
-    print(json.dumps(summary))
-    return 0
+    return finish_training(pretrain(config, resume=args.resume, progress=not args.quiet))
 
 
 def command_eval(args, config: Config) -> int:
@@ -2640,23 +2791,23 @@ def command_eval(args, config: Config) -> int:
     # Split paths come from the config; image preprocessing from the checkpoint it was trained with.
     paths = dataclasses.replace(predictor.data, image_base_dir=config.data.image_base_dir)
     examples, report = load_split(split_path, paths, predictor.vocab)
+    dataset = Dataset(examples, predictor.data, report)
     print(report.summary(), file=sys.stderr)
-    if not examples:
+    if not len(dataset):
         raise UserError(f"no usable examples in {split_path}")
-    dataset = Dataset(examples, predictor.data)
     start = time.perf_counter()
     metrics, hypotheses = evaluate_dataset(predictor, dataset, evaluation.batch_size, evaluation.decode_width,
                                            progress=not args.quiet)
     seconds = time.perf_counter() - start
     table = format_metrics(metrics)
-    header = f"{split_path}: {len(examples)} images, {evaluation.describe_decoding()}, {seconds:.1f} s"
+    header = f"{split_path}: {len(dataset)} images, {evaluation.describe_decoding()}, {seconds:.1f} s"
     print(header + "\n" + table)
     out = Path(evaluation.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     with (out / "evaluate.log").open("a") as file:
         file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {header}\n{table}\n\n")
     predictions = [{"name": ex.name, "reference": detokenize(ex.caption), "prediction": detokenize(hyp),
-                    "exact": ex.caption == hyp} for ex, hyp in zip(examples, hypotheses)]
+                    "exact": ex.caption == hyp} for ex, hyp in zip(dataset.examples, hypotheses)]
     write_json_atomic(out / "predictions.json", {"metrics": metrics, "predictions": predictions})
     return 0
 
@@ -2672,38 +2823,40 @@ def decoding_options(args, config: Config) -> Config:
 
 
 def command_predict(args, config: Config) -> int:
+    """One output line per image, in the order given; an image that cannot be read gets an
+    error line on stderr and an empty line on stdout, and the exit status is 1."""
     start = time.perf_counter()
     evaluation = decoding_options(args, config).evaluation
     predictor = load_predictor(args.checkpoint or evaluation.checkpoint_path, evaluation.length_penalty)
     load_seconds = time.perf_counter() - start
-    canvases, names, failures = [], [], 0
+    canvases, errors = {}, {}
     for path in args.images:
         try:
-            canvases.append(preprocess_image(open_image(path), predictor.data, str(path)))
-            names.append(path)
+            canvases[path] = preprocess_image(open_image(path), predictor.data, str(path))
         except UserError as error:
             print(f"latexocr: error: {error}", file=sys.stderr)
-            failures += 1
+            errors[path] = str(error)
     decode_start = time.perf_counter()
-    results = predictor.predict_images(canvases, evaluation.decode_width)
+    results = dict(zip(canvases, predictor.predict_images(list(canvases.values()), evaluation.decode_width)))
     decode_seconds = time.perf_counter() - decode_start
     if args.attention:
-        for name, canvas, (tokens, _) in zip(names, canvases, results):
-            path = attention_path(args.attention, name, len(names) > 1)
-            maps = predictor.attention_maps(canvas, tokens, args.attention_layer)
+        for name, (tokens, _) in results.items():
+            path = attention_path(args.attention, name, len(results) > 1)
+            maps = predictor.attention_maps(canvases[name], tokens, args.attention_layer)
             try:
-                attention_picture(canvas, tokens, maps).save(path)
+                attention_picture(canvases[name], tokens, maps).save(path)
             except OSError as error:
                 raise UserError(f"cannot write the attention picture {path}: {error.strerror or error}") from None
     if args.json:
+        answers = [{"image": name, "error": errors[name]} if name in errors else
+                   {"image": name, "latex": detokenize(results[name][0]), "tokens": results[name][0],
+                    "score": round(results[name][1], 4)} for name in args.images]
         print(json.dumps({"load_seconds": round(load_seconds, 3), "decode_seconds": round(decode_seconds, 3),
-                          "decoding": evaluation.describe_decoding(),
-                          "predictions": [{"image": n, "latex": detokenize(t), "tokens": t, "score": round(score, 4)}
-                                          for n, (t, score) in zip(names, results)]}, ensure_ascii=False))
+                          "decoding": evaluation.describe_decoding(), "predictions": answers}, ensure_ascii=False))
     else:
-        for tokens, _ in results:
-            print(detokenize(tokens))
-    return 1 if failures else 0
+        for name in args.images:
+            print(detokenize(results[name][0]) if name in results else "")
+    return 1 if errors else 0
 
 
 def attention_path(base: str, image: str, several: bool) -> Path:
@@ -2833,8 +2986,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_abandoned_checkpoint_reads() -> None:
+    """After a failed read of a damaged checkpoint, orbax's abandoned asyncio reads report their
+    errors as the process ends, hundreds of lines after the one error line that matters. This
+    program runs no asyncio code of its own, so those reports are dropped."""
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    default_hook = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        abandoned = inspect.iscoroutine(unraisable.object) or (
+            isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed")
+        if not abandoned:
+            default_hook(unraisable)
+
+    sys.unraisablehook = hook
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_abandoned_checkpoint_reads()
     try:
         config = load_config(args.config, args.set)
         enable_compilation_cache()

@@ -7,12 +7,15 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 
 os.environ.setdefault("LATEXOCR_CACHE_DIR", "")  # tests compile with optimizations off; do not cache those
 
 import jax
+import hypothesis
+import hypothesis.strategies as st
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -90,10 +93,38 @@ def test_set_overrides_are_typed():
     ("model.size=huge", "model.size must be one of"),
     ("data.bucket_heights=[30]", "multiples of model.patch_size"),
     ("data.bucket_heights=[]", "data.bucket_heights must not be empty"),
+    ("training.lr=inf", "config key training.lr: 'inf' is not a valid float"),
+    ("training.lr=nan", "config key training.lr: 'nan' is not a valid float"),
+    ("training.batch_size=1.5", "config key training.batch_size: '1.5' is not a valid int"),
+    ("training.bf16=maybe", "config key training.bf16: 'maybe' is not a valid bool"),
+    ("training.seed=-1", "training.seed must be >= 0"),
+    ("training.total_steps=10", "training.total_steps must exceed training.warmup_steps"),
+    ("data.margin=-2", "data.margin must be >= 0"),
+    ("data.bucket_widths=[-128,256]", "must be positive"),
+    ("evaluation.beam_width=0", "evaluation.beam_width must be at least 1"),
+    ("model.dropout=1", "model.dropout must be in [0, 1)"),
+    ("rl.baseline=greedy", "rl.baseline must be 'mean' or 'self_critical'"),
 ])
 def test_bad_config_values_are_named(option, message):
-    with pytest.raises(L.UserError, match=message.replace("(", r"\(").replace("[", r"\[")):
+    with pytest.raises(L.UserError, match=re.escape(message)):
         L.load_config(None, [option])
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("training:\n  batch_size: [8, 16]\n", "config key training.batch_size: [8, 16] is not a valid int"),
+    ("training:\n  batch_size: yes\n", "config key training.batch_size: True is not a valid int"),
+    ("data:\n  train_split: {a: 1}\n", "config key data.train_split: {'a': 1} is not a valid str"),
+    ("data:\n  bucket_heights: 32\n", "config key data.bucket_heights: 32 is not a valid tuple"),
+    ("training: 5\n", "config section 'training' must be a mapping"),
+    ("- training\n", "must hold a mapping of sections"),
+    ("training:\n  lr: [\n", "is not valid YAML"),
+])
+def test_bad_config_files_are_named(tmp_path, yaml_text, message):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(L.UserError) as error:
+        L.load_config(str(path))
+    assert message in str(error.value)
 
 
 def test_shipped_configs_load():
@@ -507,9 +538,12 @@ def test_prepare_original_layout_counts_what_it_skips(tmp_path, capsys):
     blanked = int(lines[3].split()[1])
     formulas[blanked] = "   "
     (root / "im2latex_formulas.norm.lst").write_text("\n".join(formulas) + "\n")
-    (root / "im2latex_train_filter.lst").write_text("\n".join(lines + [f"nothere.png {lines[0].split()[1]}", "late.png 999"]) + "\n")
+    index = lines[0].split()[1]
+    extra = [f"nothere.png {index}", "late.png 999", f"text.png {index}", lines[1]]  # lines[1]: listed twice
+    (root / "im2latex_train_filter.lst").write_text("\n".join(lines + extra) + "\n")
     for line in lines:
         shutil.copy(sample / "images_processed" / line.split()[0], root / "formula_images_processed")
+    (root / "formula_images_processed" / "text.png").write_text("not an image")
     code, out, _ = run_main(["prepare", "--root", root, "--out", tmp_path / "out"], capsys)
     assert code == 0
     written = json.loads((tmp_path / "out" / "train.json").read_text())
@@ -517,7 +551,8 @@ def test_prepare_original_layout_counts_what_it_skips(tmp_path, capsys):
     assert len(written) == len(lines) - empty_lines
     report = json.loads((tmp_path / "out" / "prepare_report.json").read_text())["counts"]["train"]
     assert report == {"written": len(written), "empty formula": empty_lines, "image missing": 1,
-                      "formula index out of range": 1}
+                      "formula index out of range": 1, "not an image Pillow reads": 1,
+                      "duplicate image name": 1}
     name, entry = next(iter(written.items()))
     assert entry["img_path"] == name and entry["caption_len"] == len(entry["caption"].split())
     assert "image missing 1" in out
@@ -1076,6 +1111,11 @@ def bad_files(tmp_path_factory):
       "--set", "model.size=tiny", "--set", "model.dropout=0"], "another vocabulary"),
     (["train", "--resume", "--set", "training.checkpoint_dir={run}"], "another model config"),
     (["train", "--set", "training.checkpoint_dir={run}"], "already holds a training run"),
+    (["train", "--set", "training.init_checkpoint={run}", "--set", "training.checkpoint_dir={bad}/r4"],
+     "was made with another model config (dim: checkpoint 64 vs config 256"),
+    (["train", "--set", "training.init_checkpoint={run}", "--set", "training.checkpoint_dir={bad}/r5",
+      "--set", "data.vocab_path={bad}/vocab.json", "--set", "model.size=tiny", "--set", "model.dropout=0"],
+     "another vocabulary"),
     (["eval", "--checkpoint", "{run}", "--set", "data.test_split={bad}/broken.json"], "not valid JSON"),
     (["pretrain", "--set", "feature_extractor.train_formulas=[{bad}/none.txt]",
       "--set", "feature_extractor.checkpoint_path={bad}/p1"], "formula file not found"),
@@ -1104,5 +1144,320 @@ def test_predict_reports_bad_files_and_still_answers_good_ones(bad_files, overfi
     code, out, err = run_main(["predict", bad_files / "text.png", DATA / "images" / entry["img_path"],
                                "--checkpoint", run_dir], capsys)
     assert code == 1
-    assert out.splitlines() == [entry["caption"]]
+    assert out.split("\n") == ["", entry["caption"], ""]  # one line per image given, empty for the bad one
     assert err.count("latexocr: error:") == 1
+
+
+# --- hardening: hostile inputs, interruptions, property tests -----------------------------------
+
+@pytest.fixture(scope="module")
+def hostile_images(tmp_path_factory, eight_examples):
+    """Odd and hostile image files, with what `predict` must do with each: ("caption",) decode to
+    the memorised caption of the formula they show, ("answer",) give some LaTeX, ("error", text)
+    refuse with a message holding text."""
+    from PIL import ImageOps
+
+    folder = tmp_path_factory.mktemp("hostile")
+    entry = next(iter(json.loads(eight_examples.read_text()).values()))
+    original = DATA / "images" / entry["img_path"]
+    gray = Image.open(original).convert("L")
+    ink = ImageOps.invert(gray)
+    black = Image.new("L", gray.size, 0)
+    rng = np.random.default_rng(0)
+    files = {
+        "zero_bytes.png": (b"", ("error", "cannot read image")),
+        "text_file.png": (b"this is not an image\n", ("error", "not an image in a format Pillow reads")),
+        "truncated.png": (original.read_bytes()[: original.stat().st_size // 2], ("error", "cannot read image")),
+        "declares_20000x20000.png": (png_declaring(20000, 20000), ("error", "over the 50,000,000 pixel limit")),
+        "one_pixel.png": (Image.new("L", (1, 1), 255), ("error", "no visible formula")),
+        "sixteen_bit.png": (Image.fromarray(np.asarray(gray, np.uint16) * 257), ("caption",)),
+        "palette.png": (gray.convert("RGB").quantize(16), ("caption",)),
+        "cmyk.jpg": (gray.convert("CMYK"), ("caption",)),
+        "transparent_background.png": (Image.merge("RGBA", [black, black, black, ink]), ("caption",)),
+        "white_on_black.png": (ink, ("caption",)),
+        "gray_with_alpha.png": (Image.merge("LA", [gray, Image.new("L", gray.size, 255)]), ("caption",)),
+        "animated.gif": ([gray, Image.new("L", gray.size, 255)], ("caption",)),
+        "noisy_photo.png": (Image.fromarray(rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)), ("answer",)),
+        "very_wide.png": (Image.fromarray(np.tile(np.asarray(gray), (1, 12))), ("answer",)),
+        "multi_line.png": (Image.fromarray(np.vstack([np.asarray(gray)] * 3)), ("answer",)),
+    }
+    buffer = io.BytesIO()
+    gray.save(buffer, "JPEG")
+    files["truncated.jpg"] = (buffer.getvalue()[: len(buffer.getvalue()) // 2], ("error", "cannot read image"))
+    expected = {}
+    for name, (content, outcome) in files.items():
+        path = folder / name
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        elif isinstance(content, list):
+            content[0].save(path, save_all=True, append_images=content[1:], duration=100, loop=0)
+        else:
+            content.save(path, quality=95) if name.endswith(".jpg") else content.save(path)
+        expected[path] = outcome
+    return expected, entry["caption"]
+
+
+def test_predict_answers_or_refuses_each_hostile_image_and_goes_on(hostile_images, overfit_run, capsys):
+    expected, caption = hostile_images
+    run_dir, _ = overfit_run
+    paths = list(expected)
+    code, out, err = run_main(["predict", *paths, "--checkpoint", run_dir, "--json"], capsys)
+    assert code == 1 and "Traceback" not in err
+    answers = json.loads(out)["predictions"]
+    assert [a["image"] for a in answers] == [str(p) for p in paths]
+    errors = [line for line in err.splitlines() if line.startswith("latexocr: error:")]
+    refused = [p for p, outcome in expected.items() if outcome[0] == "error"]
+    assert len(errors) == len(refused)
+    for path, answer in zip(paths, answers):
+        outcome = expected[path]
+        if outcome[0] == "error":
+            assert outcome[1] in answer["error"] and str(path) in answer["error"], answer
+            assert sum(str(path) in line for line in errors) == 1
+        elif outcome[0] == "caption":
+            assert answer["latex"] == caption, path.name
+        else:
+            assert answer["tokens"], path.name
+    code, out, _ = run_main(["predict", *paths, "--checkpoint", run_dir], capsys)
+    lines = out.split("\n")[:-1]
+    assert code == 1 and len(lines) == len(paths)
+    assert [line == "" for line in lines] == [expected[p][0] == "error" for p in paths]
+
+
+def test_split_problems_are_skipped_and_counted_by_reason(tmp_path, vocab):
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copyfile(DATA / "images" / "1015942522.png", images / "good.png")
+    (images / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    Image.new("L", (50, 20), 255).save(images / "blank.png")
+    good = '{"img_path": "good.png", "caption": "x + \\\\notinvocab", "caption_len": 3}'
+    split = tmp_path / "split.json"
+    split.write_text("{" + ", ".join([
+        f'"a.png": {good}',
+        '"a.png": {"img_path": "other.png", "caption": "y", "caption_len": 1}',  # the same name again
+        '"list.png": [1, 2]',
+        '"number.png": {"img_path": "good.png", "caption": 5, "caption_len": 1}',
+        '"path_number.png": {"img_path": 7, "caption": "x", "caption_len": 1}',
+        '"corrupt.png": {"img_path": "corrupt.png", "caption": "x", "caption_len": 1}',
+        '"blank.png": {"img_path": "blank.png", "caption": "x", "caption_len": 1}',
+    ]) + "}")
+    data = L.DataConfig(image_base_dir=str(images))
+    examples, report = L.load_split(split, data, vocab)
+    dataset = L.Dataset(examples, data, report)
+    assert [e.name for e in dataset.examples] == ["a.png"] and report.loaded == 1
+    assert report.unknown_tokens == 1
+    assert dict(report.skipped) == {
+        "image name given again, first entry kept": ["a.png"],
+        "entry lacks img_path or caption strings": ["list.png", "number.png", "path_number.png"],
+        "image unreadable or blank": ["corrupt.png", "blank.png"]}
+    assert "skipped 2 (image unreadable or blank: corrupt.png, blank.png)" in report.summary()
+    with pytest.raises(L.UserError, match="corrupt.png"):
+        L.Dataset(examples[1:2], data)
+
+
+@pytest.fixture(scope="module")
+def bad_split_run(tmp_path_factory, eight_examples):
+    """`train` on the eight images plus bad entries: it must skip them, say so, and train."""
+    folder = tmp_path_factory.mktemp("bad_split")
+    entries = json.loads(eight_examples.read_text())
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    entries["corrupt.png"] = {"img_path": str(folder / "corrupt.png"), "caption": "x", "caption_len": 1}
+    entries["missing.png"] = {"img_path": "missing.png", "caption": "x", "caption_len": 1}
+    entries["empty.png"] = {"img_path": next(iter(entries.values()))["img_path"], "caption": "", "caption_len": 0}
+    split = folder / "split.json"
+    split.write_text(json.dumps(entries))
+    run_dir = folder / "run"
+    settings = dict(total_steps=2, warmup_steps=1, eval_every=2, log_every=1)
+    L.train(L.apply_overrides(L.Config(), tiny_overrides(run_dir, split, **settings)), progress=False)
+    return run_dir, split
+
+
+def test_train_logs_what_it_skipped(bad_split_run):
+    run_dir, _ = bad_split_run
+    summaries = [json.loads(line)["summary"] for line in (run_dir / "train.log").read_text().splitlines()
+                 if json.loads(line)["event"] == "data"]
+    assert "8 examples" in summaries[0]
+    for reason in ("skipped 1 (empty caption: empty.png)", "skipped 1 (image file missing: missing.png)",
+                   "skipped 1 (image unreadable or blank: corrupt.png)"):
+        assert reason in summaries[0]
+    assert L.checkpoint_steps(run_dir) == [2]
+
+
+def test_nan_loss_stops_training_and_keeps_the_last_checkpoint(bad_split_run, capsys):
+    run_dir, split = bad_split_run
+    overrides = tiny_overrides(run_dir, split, total_steps=6, warmup_steps=1, eval_every=2, log_every=1, lr=1e38)
+    code, _, err = run_main(["train", "--resume", "--quiet", *cli_overrides(overrides)], capsys)
+    assert code == 2 and "training diverged by step" in err and "Traceback" not in err
+    assert L.checkpoint_steps(run_dir) == [2]
+    params = final_params(run_dir, 2)
+    assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(params))
+
+
+def test_checkpoints_load_without_unpickling(overfit_run, monkeypatch):
+    import pickle
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a checkpoint load unpickled something")
+
+    for name in ("load", "loads", "Unpickler"):
+        monkeypatch.setattr(pickle, name, refuse)
+    monkeypatch.setattr(np, "load", refuse)
+    run_dir, _ = overfit_run
+    predictor = L.load_predictor(str(run_dir))
+    assert L.count_params(predictor.params) > 0
+
+
+def test_damaged_or_tampered_checkpoints_are_refused_in_one_line(overfit_run, tmp_path, capsys):
+    run_dir, _ = overfit_run
+    image = DATA / "images" / "1015942522.png"
+
+    def damaged(change):
+        copy = tmp_path / f"copy{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(run_dir / "best", copy)
+        where = copy / str(L.checkpoint_steps(copy)[-1])
+        change(where)
+        code, _, err = run_main(["predict", image, "--checkpoint", copy], capsys)
+        assert code == 2 and err.count("\n") == 1 and str(where) in err, err
+        return err
+
+    def edit_metadata(where, **changes):
+        metadata = json.loads((where / "meta" / "metadata").read_text())
+        metadata["model"].update(changes.get("model", {}))
+        metadata.update({k: v for k, v in changes.items() if k != "model"})
+        (where / "meta" / "metadata").write_text(json.dumps(metadata))
+
+    def truncate_largest_data_file(where):
+        largest = max((p for p in (where / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+        largest.write_bytes(largest.read_bytes()[:100])
+
+    assert "is stored with shape" in damaged(lambda w: edit_metadata(w, model={"dim": 32}))
+    assert "do not match the checksum saved with them" in damaged(lambda w: edit_metadata(w, params_sha256="0" * 64))
+    assert "is damaged or incomplete" in damaged(truncate_largest_data_file)
+    assert "no readable metadata" in damaged(lambda w: (w / "meta" / "metadata").write_text("{broken"))
+    assert "has no readable params" in damaged(lambda w: (w / "params" / "_METADATA").unlink())
+
+
+def training_command(run_dir, split, cache, total_steps, resume):
+    overrides = tiny_overrides(run_dir, split, total_steps=total_steps, warmup_steps=2, eval_every=3, log_every=1,
+                               val_samples=2, keep_checkpoints=2)
+    return run_cli(["train", "--quiet", *(["--resume"] if resume else []), *cli_overrides(overrides)],
+                   {"LATEXOCR_CACHE_DIR": str(cache), "JAX_DISABLE_MOST_OPTIMIZATIONS": "true"})
+
+
+def logged(run_dir, event):
+    """The complete records of one event in a run's log (a line being written is left out)."""
+    text = (run_dir / "train.log").read_text() if (run_dir / "train.log").exists() else ""
+    return [record for line in text.split("\n")[:-1] if (record := json.loads(line))["event"] == event]
+
+
+def wait_for(condition, process, timeout=240, every=0.002):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, process.communicate()[1]
+        assert time.monotonic() < deadline
+        time.sleep(every)
+
+
+def test_training_survives_sigint_and_sigkill_at_any_point(tmp_path, eight_examples):
+    """Ctrl-C saves the current step and exits 130; SIGKILL (during a checkpoint save, or at a
+    random moment) loses at most the steps since the last complete checkpoint; every resume
+    starts from the latest complete one and the run ends where it should. More kills:
+    LATEXOCR_KILL_TRIALS=N."""
+    import signal
+    import time
+
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    process = training_command(run_dir, eight_examples, cache, 100_000, resume=False)
+    wait_for(lambda: any(r["step"] >= 4 for r in logged(run_dir, "train")), process, every=0.05)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    stopped = json.loads(out.splitlines()[-1])["step"]
+    assert process.returncode == 130 and f"interrupted; saved step {stopped}" in err
+    assert L.checkpoint_steps(run_dir)[-1] == stopped and logged(run_dir, "interrupted")[-1]["step"] == stopped
+
+    rng = np.random.default_rng(int(os.environ.get("LATEXOCR_KILL_SEED", "0")))
+    trials = int(os.environ.get("LATEXOCR_KILL_TRIALS", "2"))
+    for trial in range(trials):
+        before = L.checkpoint_steps(run_dir)[-1]
+        resumes = len(logged(run_dir, "resume"))
+        process = training_command(run_dir, eight_examples, cache, 100_000, resume=True)
+        wait_for(lambda: len(logged(run_dir, "resume")) > resumes, process, every=0.05)
+        assert logged(run_dir, "resume")[-1]["step"] == before
+        if trial % 2 == 0:  # during a checkpoint save: while orbax's temporary folder exists
+            wait_for(lambda: any(".orbax-checkpoint-tmp" in p.name for p in run_dir.iterdir()), process)
+            moment = "during a save"
+        else:
+            wait_for(lambda: any(r["step"] > before for r in logged(run_dir, "train")), process, every=0.05)
+            time.sleep(rng.uniform(0, 3))
+            moment = "at a random moment"
+        complete = L.checkpoint_steps(run_dir)[-1]
+        process.kill()
+        process.communicate()
+        after = L.checkpoint_steps(run_dir)[-1]
+        print(f"kill {trial + 1} {moment}: latest complete checkpoint {complete} before, {after} after; "
+              f"logged step {max(r['step'] for r in logged(run_dir, 'train'))}")
+        assert after >= complete
+        final_params(run_dir, after)  # the latest complete checkpoint restores
+
+    latest = L.checkpoint_steps(run_dir)[-1]
+    process = training_command(run_dir, eight_examples, cache, latest + 4, resume=True)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    assert json.loads(out.splitlines()[-1])["step"] == latest + 4
+    assert logged(run_dir, "resume")[-1]["step"] == latest
+    assert L.checkpoint_steps(run_dir)[-1] == latest + 4
+    assert not [p.name for p in run_dir.iterdir() if ".orbax-checkpoint-tmp" in p.name]  # cleaned on resume
+
+
+LATEX_PIECES = ["\\frac", "\\alpha", "\\left(", "\\right)", "\\left\\{", "\\right.", "\\begin{array}", "\\end{array}",
+                "{", "}", "^", "_", "\\\\", "\\,", "\\", "x", "2", "+", "=", "(", ")", "\\mathrm", "é", "∑", "&"]
+
+
+@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.given(pieces=st.lists(st.sampled_from(LATEX_PIECES), max_size=30),
+                  spaces=st.lists(st.sampled_from(["", " ", "  ", "\t", "\n", "\u00a0", "\u2009"]), max_size=30))
+def test_property_tokenizer_loses_nothing_and_round_trips(vocab, pieces, spaces):
+    text = "".join(piece + space for piece, space in zip(pieces, spaces + [""] * len(pieces)))
+    tokens = vocab.tokenize(text)
+    assert "".join(tokens) == "".join(text.split())
+    assert vocab.tokenize(L.detokenize(tokens)) == tokens
+    known = [t for t in tokens if t in vocab.ids]
+    assert vocab.decode(vocab.encode(known) + [L.EOS_ID]) == known
+
+
+@hypothesis.settings(max_examples=200, deadline=None)
+@hypothesis.given(mode=st.sampled_from(["1", "L", "LA", "P", "RGB", "RGBA", "I;16", "CMYK"]),
+                  height=st.integers(1, 60), width=st.integers(1, 200), seed=st.integers(0, 2**32 - 1),
+                  ink_share=st.floats(0, 1))
+def test_property_preprocessing_never_crashes_and_gives_a_bucket(mode, height, width, seed, ink_share):
+    rng = np.random.default_rng(seed)
+    ink = rng.random((height, width)) < ink_share
+    pixels = np.where(ink, 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels).convert(mode)
+    data = L.DataConfig()
+    try:
+        canvas = L.preprocess_image(image, data)
+    except L.UserError as error:
+        assert "no visible formula" in str(error)
+        return
+    assert canvas.shape[0] in data.bucket_heights and canvas.shape[1] in data.bucket_widths
+    assert canvas.dtype == np.float32 and 0.0 <= canvas.min() and canvas.max() <= 1.0 and canvas.max() > 0
+
+
+token_lists = st.lists(st.lists(st.sampled_from(["x", "y", "{", "}", "^", "2", "\\frac"]), max_size=12),
+                       min_size=1, max_size=6)
+
+
+@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.given(references=token_lists, hypotheses=token_lists)
+def test_property_metrics_stay_in_range(references, hypotheses):
+    hypotheses = (hypotheses * len(references))[: len(references)]
+    metrics = L.compute_metrics(references, hypotheses)
+    assert all(0.0 <= value <= 100.0 for value in metrics.values()), metrics
+    for reference, hypothesis_ in zip(references, hypotheses):
+        assert 0.0 <= L.sentence_bleu4(reference, hypothesis_) <= 1.0
+        assert 0.0 <= L.edit_similarity(reference, hypothesis_) <= 1.0
+    same = L.compute_metrics(references, references)
+    assert same["edit_distance"] == 0.0 and same["exact_match"] == 100.0
+    assert all(L.sentence_bleu4(r, r) == 1.0 for r in references)
