@@ -350,7 +350,10 @@ def load_config(path: str | None, set_options: Sequence[str] = ()) -> Config:
         try:
             overrides = yaml.safe_load(file.read_text()) or {}
         except yaml.YAMLError as error:
-            raise UserError(f"config file {path} is not valid YAML: {error}") from None
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            raise UserError(f"config file {path} is not valid YAML{where}: {problem}") from None
         if not isinstance(overrides, dict):
             raise UserError(f"config file {path} must hold a mapping of sections")
     config = apply_overrides(Config(), overrides)
@@ -1969,9 +1972,14 @@ def check_compatible(metadata: dict, cfg: ModelConfig | ExtractorConfig, vocab: 
                    if f != "dtype" and getattr(saved, f) != getattr(cfg, f)]
     if differences:
         raise UserError(f"checkpoint {where} was made with another model config ({'; '.join(differences)})")
-    if list(metadata["vocab"]) != list(vocab.tokens):
-        raise UserError(f"checkpoint {where} was made with another vocabulary "
-                        f"({len(metadata['vocab'])} tokens vs {len(vocab)} in the configured vocab.json)")
+    saved_tokens = list(metadata["vocab"])
+    if saved_tokens != list(vocab.tokens):
+        first = next((i for i, (a, b) in enumerate(zip(saved_tokens, vocab.tokens)) if a != b),
+                     min(len(saved_tokens), len(vocab)))
+        difference = (f"id {first} is {saved_tokens[first]!r} there, {vocab.tokens[first]!r} here"
+                      if first < min(len(saved_tokens), len(vocab)) else "one is a prefix of the other")
+        raise UserError(f"checkpoint {where} was made with another vocabulary ({len(saved_tokens)} tokens vs "
+                        f"{len(vocab)} in the configured vocab.json; {difference})")
 
 
 def load_feature_extractor(path: str) -> tuple[FeatureExtractor, Any, Vocabulary]:
@@ -2026,7 +2034,6 @@ class Trainee:
     primary_metric: str
     maximize: bool
     metadata: Any  # extra dict -> checkpoint metadata
-    check_resume: Any  # (metadata, where) -> None, raising UserError when incompatible
     start_info: dict
 
 
@@ -2056,10 +2063,15 @@ def to_local(tree: Any) -> Any:
     return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
 
 
-def refuse_to_overwrite(run_dir: Path, resume: bool) -> None:
-    if run_dir.is_dir() and checkpoint_steps(run_dir) and not resume:
+def check_run_dir(run_dir: Path, resume: bool, cfg: ModelConfig | ExtractorConfig, vocab: Vocabulary) -> None:
+    """Before any work: a run folder is never overwritten, and a resumed run must have the model
+    config and vocabulary its checkpoints were made with."""
+    steps = checkpoint_steps(run_dir) if run_dir.is_dir() else []
+    if steps and not resume:
         raise UserError(f"{run_dir} already holds a training run; pass --resume to continue it "
                         "or choose another checkpoint folder")
+    if steps:
+        check_compatible(read_metadata(run_dir, steps[-1]), cfg, vocab, run_dir / str(steps[-1]))
 
 
 @contextlib.contextmanager
@@ -2094,7 +2106,6 @@ def run_training(trainee: Trainee, config: Config, run_dir: Path, resume: bool, 
     from tqdm import tqdm
 
     training = config.training
-    refuse_to_overwrite(run_dir, resume)
     run_dir.mkdir(parents=True, exist_ok=True)
     log = RunLog(run_dir / "train.log")
     for note in notes:
@@ -2112,7 +2123,6 @@ def run_training(trainee: Trainee, config: Config, run_dir: Path, resume: bool, 
     if resume and manager.latest_step() is not None:
         step = manager.latest_step()
         metadata = read_metadata(run_dir, step)
-        trainee.check_resume(metadata, run_dir / str(step))
         restored = restore_items(run_dir, step, {"params": abstract(params, replicated),
                                                  "opt_state": abstract(opt_state, replicated)})
         params, opt_state = restored["params"], restored["opt_state"]
@@ -2212,7 +2222,7 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> dict[s
     vocab = load_vocabulary(data.vocab_path)
     cfg = model_config(config, len(vocab))
     run_dir = Path(training.checkpoint_dir).expanduser()
-    refuse_to_overwrite(run_dir, resume)
+    check_run_dir(run_dir, resume, cfg, vocab)
     train_examples, train_report = load_split(data.train_split, data, vocab)
     val_examples, val_report = load_split(data.validate_split, data, vocab)
     if not train_examples:
@@ -2239,7 +2249,6 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> dict[s
         primary_metric=config.evaluation.primary_metric,
         maximize=METRIC_DIRECTIONS[config.evaluation.primary_metric] == "max",
         metadata=lambda extra: checkpoint_metadata(cfg, vocab, data, extra),
-        check_resume=lambda metadata, where: check_compatible(metadata, cfg, vocab, where),
         start_info={"model": config.model.size, "train_examples": len(train_set),
                     "init": training.init_checkpoint or "random", "lambda_rl": config.rl.lambda_rl})
     return run_training(trainee, config, run_dir, resume, progress,
@@ -2310,7 +2319,7 @@ def pretrain(config: Config, resume: bool = False, progress: bool = True) -> dic
     vocab = load_vocabulary(data.vocab_path)
     cfg = extractor_config(config, len(vocab))
     run_dir = Path(section.checkpoint_path).expanduser()
-    refuse_to_overwrite(run_dir, resume)
+    check_run_dir(run_dir, resume, cfg, vocab)
     notes, train_formulas = [], []
     for path in section.train_formulas:
         formulas, unknown = read_formulas(path, vocab)
@@ -2342,7 +2351,6 @@ def pretrain(config: Config, resume: bool = False, progress: bool = True) -> dic
         validate=validate if val_batches else None,
         primary_metric="mlm_accuracy", maximize=True,
         metadata=lambda extra: checkpoint_metadata(cfg, vocab, data, extra),
-        check_resume=lambda metadata, where: check_compatible(metadata, cfg, vocab, where),
         start_info={"model": section.size, "train_formulas": len(train_formulas)})
     return run_training(trainee, config, run_dir, resume, progress, notes)
 

@@ -124,7 +124,7 @@ def test_bad_config_files_are_named(tmp_path, yaml_text, message):
     path.write_text(yaml_text)
     with pytest.raises(L.UserError) as error:
         L.load_config(str(path))
-    assert message in str(error.value)
+    assert message in str(error.value) and "\n" not in str(error.value)
 
 
 def test_shipped_configs_load():
