@@ -36,6 +36,7 @@ import re
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -993,6 +994,169 @@ def write_json_atomic(path: Path, value: Any) -> None:
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(json.dumps(value, indent=1, ensure_ascii=False) + "\n")
     os.replace(temporary, path)
+
+
+# --- rendering formulas into training images ---------------------------------------------------
+
+TEX_PACKAGES = "texlive-latex-base texlive-latex-recommended texlive-fonts-recommended ghostscript"
+# Math fonts to vary the look of renderings: Computer Modern (IM2LATEX-100K's), Times, Palatino.
+RENDER_FONTS = {"cm": "", "times": r"\usepackage{txfonts}", "palatino": r"\usepackage{pxfonts}"}
+# IM2LATEX-100K's look: a 10pt article with amsmath, one `\[ ... \]` per page (pages wide enough
+# that long formulas do not wrap), rendered at 200 dpi, cropped, padded 8 px, halved.
+RENDER_DOCUMENT = r"""\documentclass[10pt]{article}
+\usepackage{amsmath,amssymb}
+%s
+\pagestyle{empty}
+\pdfpagewidth=22in \pdfpageheight=8in \textwidth=21in \textheight=7.5in
+\hoffset=-1in \voffset=-1in \oddsidemargin=0.5in \topmargin=0.25in \headheight=0pt \headsep=0pt
+\begin{document}
+%s
+\end{document}
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class RenderSettings:
+    dpis: tuple[int, ...] = (200,)
+    fonts: tuple[str, ...] = ("cm",)
+    per_document: int = 32
+    timeout: float = 120.0
+
+
+def require_tex_tools() -> None:
+    missing = [tool for tool in ("pdflatex", "gs") if shutil.which(tool) is None]
+    if missing:
+        raise UserError(f"rendering needs {' and '.join(missing)}, which are not installed; on Debian or Ubuntu: "
+                        f"apt-get install --no-install-recommends {TEX_PACKAGES}")
+
+
+def latex_error(log: str) -> str:
+    """The first `! ...` error line of a LaTeX log, with the line it points at."""
+    lines = log.splitlines()
+    for number, line in enumerate(lines):
+        if line.startswith("!"):
+            context = next((l.strip() for l in lines[number + 1: number + 4] if l.startswith("l.")), "")
+            return f"{line[1:].strip()} {context}".strip()
+    return "LaTeX failed without an error line"
+
+
+def finish_rendering(page: np.ndarray) -> np.ndarray | None:
+    """Crop a rendered page (uint8 gray, white paper) to its ink, pad 8 px of paper, halve; None when blank."""
+    rows, cols = np.nonzero(page < 250)
+    if rows.size == 0:
+        return None
+    ink = page[rows.min(): rows.max() + 1, cols.min(): cols.max() + 1]
+    padded = np.pad(ink, 8, constant_values=255)
+    return np.asarray(Image.fromarray(padded).reduce(2))
+
+
+SPACED_LENGTH = re.compile(r"(\\[hv]space\s*\*?\s*\{)([^{}]*)\}")
+
+
+def latex_source(formula: str) -> str:
+    r"""A normalized formula as LaTeX can compile it: normalization spaced out the units of
+    lengths (`\hspace { 1 c m }`), which LaTeX refuses; they are joined back."""
+    return SPACED_LENGTH.sub(lambda m: m.group(1) + m.group(2).replace(" ", "") + "}", formula)
+
+
+def render_document(formulas: Sequence[str], font: str, dpis: Sequence[int], folder: Path,
+                    timeout: float) -> tuple[list[dict[int, np.ndarray]] | None, str]:
+    """One LaTeX document, one formula per page: per formula {dpi: image}, or None and the error."""
+    import subprocess
+
+    body = "\n".join(f"\\[ {latex_source(formula)} \\]\n\\newpage" for formula in formulas)
+    (folder / "doc.tex").write_text(RENDER_DOCUMENT % (RENDER_FONTS[font], body))
+    latex = ["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "-no-shell-escape", "doc.tex"]
+    try:
+        done = subprocess.run(latex, cwd=folder, capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None, f"pdflatex took over {timeout:g} s"
+    if done.returncode != 0:
+        return None, latex_error(done.stdout.decode("utf-8", "replace"))
+    images: list[dict[int, np.ndarray]] = [{} for _ in formulas]
+    for dpi in dpis:
+        pages = sorted(folder.glob(f"page-{dpi}-*.png"))
+        for old in pages:
+            old.unlink()
+        ghostscript = ["gs", "-q", "-dSAFER", "-dBATCH", "-dNOPAUSE", "-sDEVICE=pnggray", f"-r{dpi}",
+                       "-o", f"page-{dpi}-%05d.png", "doc.pdf"]
+        done = subprocess.run(ghostscript, cwd=folder, capture_output=True, timeout=timeout)
+        pages = sorted(folder.glob(f"page-{dpi}-*.png"))
+        if done.returncode != 0 or len(pages) != len(formulas):
+            return None, f"Ghostscript gave {len(pages)} pages for {len(formulas)} formulas"
+        for index, page in enumerate(pages):
+            image = finish_rendering(np.asarray(Image.open(page).convert("L")))
+            if image is None:
+                return None, "renders as a blank page"
+            images[index][dpi] = image
+    return images, ""
+
+
+def render_batch(formulas: Sequence[str], font: str, settings: RenderSettings,
+                 failures: list[tuple[int, str]], start: int = 0) -> list[dict[int, np.ndarray] | None]:
+    """Render formulas[i] for every dpi; a failing document is split in half and each half retried,
+    so one bad formula costs a few extra runs, and it alone is reported (index, error)."""
+    with tempfile.TemporaryDirectory(prefix="latexocr-render-") as folder:
+        images, error = render_document(formulas, font, settings.dpis, Path(folder), settings.timeout)
+    if images is not None:
+        return images
+    if len(formulas) == 1:
+        failures.append((start, error))
+        return [None]
+    half = len(formulas) // 2
+    return (render_batch(formulas[:half], font, settings, failures, start)
+            + render_batch(formulas[half:], font, settings, failures, start + half))
+
+
+def render_formulas(formulas_path: Path, out: Path, split: str, settings: RenderSettings,
+                    workers: int, progress: bool) -> dict[str, Any]:
+    """Render every non-empty line of a formula file into `out/images/` and write `out/<split>.json`
+    (image name -> img_path, caption, caption_len) and `out/render_report.json` (formulas that did
+    not compile, with LaTeX's error)."""
+    from tqdm import tqdm
+
+    require_tex_tools()
+    if not formulas_path.is_file():
+        raise UserError(f"formula file not found: {formulas_path}")
+    if (out / f"{split}.json").exists():
+        raise UserError(f"{out / f'{split}.json'} already exists; choose another output folder or split name")
+    try:
+        lines = formulas_path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise UserError(f"formula file {formulas_path} is not UTF-8 text: {error}") from None
+    numbered = [(number, " ".join(line.split())) for number, line in enumerate(lines, 1) if line.split()]
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    jobs = [(font, numbered[start: start + settings.per_document])
+            for font in settings.fonts for start in range(0, len(numbered), settings.per_document)]
+    entries: dict[str, dict[str, Any]] = {}
+    failed: dict[int, dict[str, str]] = {}
+
+    def run(job):
+        font, batch = job
+        failures: list[tuple[int, str]] = []
+        images = render_batch([formula for _, formula in batch], font, settings, failures)
+        for (number, formula), renderings in zip(batch, images):
+            for dpi, image in (renderings or {}).items():
+                name = f"{number:06d}_{font}_{dpi}.png"
+                Image.fromarray(image).save(out / "images" / name, optimize=True)
+        return font, batch, images, failures
+
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        for font, batch, images, failures in tqdm(pool.map(run, jobs), total=len(jobs), disable=not progress,
+                                                  desc="render", unit="document"):
+            for index, error in failures:
+                number, formula = batch[index]
+                failed.setdefault(number, {"line": number, "formula": formula, "font": font, "error": error})
+            for (number, formula), renderings in zip(batch, images):
+                for dpi in renderings or {}:
+                    name = f"{number:06d}_{font}_{dpi}.png"
+                    entries[name] = {"img_path": name, "caption": formula, "caption_len": len(formula.split())}
+    write_json_atomic(out / f"{split}.json", dict(sorted(entries.items())))
+    report = {"formulas": len(numbered), "rendered_formulas": len({name.split("_")[0] for name in entries}),
+              "images": len(entries), "failed_formulas": len(failed), "dpis": list(settings.dpis),
+              "fonts": list(settings.fonts), "failed": [failed[n] for n in sorted(failed)]}
+    write_json_atomic(out / "render_report.json", report)
+    return report
 
 
 # --- models -----------------------------------------------------------------------------------
@@ -2127,10 +2291,11 @@ def run_training(trainee: Trainee, config: Config, run_dir: Path, resume: bool, 
                                                  "opt_state": abstract(opt_state, replicated)})
         params, opt_state = restored["params"], restored["opt_state"]
         best = metadata.get("best_metric")
-        log.write("resume", step=step)
     log.write("start", params=count_params(params), batch_size=training.batch_size,
               accum=training.grad_accum_steps, devices=jax.device_count(), processes=jax.process_count(),
               **trainee.start_info)
+    if step:
+        log.write("resume", step=step)
 
     train_step = trainee.make_step(optimizer)
     schedule = lr_schedule(training)
@@ -2584,7 +2749,6 @@ def timed_predict_process(image: Path, checkpoint: str, cache_dir: str) -> tuple
     """Wall seconds from process start to the printed answer of a one-image `predict`, and the
     process's peak resident memory in MB."""
     import subprocess
-    import tempfile
 
     env = {**os.environ, "LATEXOCR_CACHE_DIR": cache_dir}
     with tempfile.TemporaryFile() as errors:
@@ -2611,7 +2775,6 @@ def bench(predictor: Predictor, checkpoint: str, images: list[Path], repeats: in
           progress: bool) -> dict[str, Any]:
     """Speed and memory of decoding with one model on the given images (see `command_bench`)."""
     import resource
-    import tempfile
     from tqdm import tqdm
 
     def each(items, desc):
@@ -2730,6 +2893,27 @@ def command_prepare(args, config: Config) -> int:
         print(f"{split}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     base = out / "images" if args.copy_images else images
     print(f"wrote {out}/<split>.json; set data.image_base_dir={base} (details: {out}/prepare_report.json)")
+    return 0
+
+
+def command_render(args, config: Config) -> int:
+    try:
+        dpis = tuple(int(d) for d in args.dpi.split(","))
+    except ValueError:
+        raise UserError(f"--dpi expects whole numbers separated by commas, got {args.dpi!r}") from None
+    fonts = tuple(f.strip() for f in args.fonts.split(","))
+    if not dpis or min(dpis) < 30 or max(dpis) > 1200:
+        raise UserError("--dpi values must be between 30 and 1200")
+    if not set(fonts) <= set(RENDER_FONTS):
+        raise UserError(f"--fonts must name some of {', '.join(RENDER_FONTS)}, got {args.fonts!r}")
+    if args.per_document < 1 or args.workers < 1:
+        raise UserError("--per-document and --workers must be at least 1")
+    settings = RenderSettings(dpis=dpis, fonts=fonts, per_document=args.per_document)
+    out = Path(args.out)
+    report = render_formulas(Path(args.formulas), out, args.split, settings, args.workers, not args.quiet)
+    print(f"{report['rendered_formulas']} of {report['formulas']} formulas rendered into {report['images']} images "
+          f"in {out / 'images'}; {report['failed_formulas']} did not compile (listed in {out / 'render_report.json'}); "
+          f"wrote {out / (args.split + '.json')}: use it with --set data.image_base_dir={out / 'images'}")
     return 0
 
 
@@ -2936,6 +3120,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--out", help="output vocab.json (default: data.vocab_path)")
     sub.add_argument("--min-count", type=int, default=1, help="drop tokens seen fewer times (default 1)")
     sub.set_defaults(run=command_vocab)
+
+    sub = add("render", "render a file of normalized formulas (one a line) into training images and a split JSON")
+    sub.add_argument("formulas", help="text file, one space-separated normalized formula a line")
+    sub.add_argument("out", help="output folder: images/, <split>.json, render_report.json")
+    sub.add_argument("--split", default="train", help="name of the split file to write (default train)")
+    sub.add_argument("--dpi", default="200", metavar="D[,D...]",
+                     help="render each formula at these resolutions, e.g. 160,200,250 (default 200, IM2LATEX-100K's)")
+    sub.add_argument("--fonts", default="cm", metavar="F[,F...]",
+                     help=f"math fonts, each a rendering of its own: {', '.join(RENDER_FONTS)} (default cm)")
+    sub.add_argument("--per-document", type=int, default=32, help="formulas per LaTeX document (default 32)")
+    sub.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="documents rendered at once")
+    sub.add_argument("--quiet", action="store_true", help="no progress bar")
+    sub.set_defaults(run=command_render)
 
     def add_distributed(sub) -> None:
         sub.add_argument("--coordinator", metavar="HOST:PORT", help="multi-process run: process 0's address")

@@ -581,6 +581,70 @@ def test_prepare_csv_export(tmp_path, capsys):
     assert len(list((tmp_path / "out" / "images").iterdir())) == 5
 
 
+# --- render -------------------------------------------------------------------------------------
+
+needs_tex = pytest.mark.skipif(
+    not (shutil.which("pdflatex") and shutil.which("gs")) and not os.environ.get("LATEXOCR_REQUIRE_TEX"),
+    reason="pdflatex and Ghostscript are not installed (.ci/run installs them)")
+
+
+@needs_tex
+def test_render_writes_a_split_and_reports_formulas_that_fail(tmp_path, capsys, vocab):
+    """Each formula at two resolutions (the lower one half the size); one that does not compile is
+    reported with LaTeX's error and costs its document nothing else; normalization's spaced-out
+    units (`\\hspace { 1 c m }`) compile."""
+    formulas = [e["caption"] for e in list(json.loads((DATA / "train.json").read_text()).values())[:4]]
+    formulas.append("a , \\hspace { 1 c m } b")
+    lines = formulas[:2] + ["\\frac { 1 } { 2", "", "x ^ { 2 } \\undefinedmacro"] + formulas[2:]
+    (tmp_path / "formulas.txt").write_text("\n".join(lines) + "\n")
+    code, out, err = run_main(["render", tmp_path / "formulas.txt", tmp_path / "out", "--dpi", "100,200",
+                               "--per-document", 4, "--quiet"], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "out" / "render_report.json").read_text())
+    assert (report["formulas"], report["rendered_formulas"], report["images"]) == (7, 5, 10)
+    assert [(f["line"], f["formula"]) for f in report["failed"]] == [(3, "\\frac { 1 } { 2"),
+                                                                    (5, "x ^ { 2 } \\undefinedmacro")]
+    assert "Undefined control sequence" in report["failed"][1]["error"]
+    written = json.loads((tmp_path / "out" / "train.json").read_text())
+    assert sorted(e["caption"] for e in written.values()) == sorted(formulas * 2)
+    data = L.DataConfig(image_base_dir=str(tmp_path / "out" / "images"))
+    examples, split_report = L.load_split(tmp_path / "out" / "train.json", data, vocab)
+    assert len(examples) == 10 and not split_report.skipped
+    for formula in formulas:
+        number = lines.index(formula) + 1
+        at_200 = L.ink_crop(L.open_image(tmp_path / "out" / "images" / f"{number:06d}_cm_200.png")).shape
+        at_100 = L.ink_crop(L.open_image(tmp_path / "out" / "images" / f"{number:06d}_cm_100.png")).shape
+        assert abs(at_100[1] - at_200[1] / 2) <= 0.05 * at_200[1] + 2
+    code, _, err = run_main(["render", tmp_path / "formulas.txt", tmp_path / "out"], capsys)
+    assert code == 2 and "already exists" in err
+
+
+@needs_tex
+@pytest.mark.skipif(not (SHARED / "gg_processed").is_dir(), reason="needs ../shared/data/im2latex100k")
+def test_render_at_200_dpi_matches_real_im2latex_images(tmp_path, capsys):
+    """The first 24 val formulas rendered at 200 dpi have the ink size of their real images."""
+    gg = SHARED / "gg_processed"
+    formulas = (gg / "val.formulas.norm.txt").read_text().splitlines()[:24]
+    image_of = {int(line.split()[1]): line.split()[0] for line in (gg / "val.matching.txt").read_text().splitlines()}
+    (tmp_path / "val24.txt").write_text("\n".join(formulas) + "\n")
+    code, _, err = run_main(["render", tmp_path / "val24.txt", tmp_path / "out", "--quiet"], capsys)
+    assert code == 0, err
+    ratios = []
+    for name in json.loads((tmp_path / "out" / "train.json").read_text()):
+        real = L.ink_crop(L.open_image(gg / "images_val" / image_of[int(name[:6]) - 1])).shape
+        ours = L.ink_crop(L.open_image(tmp_path / "out" / "images" / name)).shape
+        ratios.append((ours[0] / real[0], ours[1] / real[1]))
+    assert len(ratios) >= 22
+    assert np.median(ratios, axis=0) == pytest.approx((1.0, 1.0), abs=0.03)
+
+
+def test_render_names_the_debian_packages_when_tex_is_missing(tmp_path, capsys, monkeypatch):
+    (tmp_path / "formulas.txt").write_text("x\n")
+    monkeypatch.setattr(L.shutil, "which", lambda tool: None)
+    code, _, err = run_main(["render", tmp_path / "formulas.txt", tmp_path / "out"], capsys)
+    assert code == 2 and "apt-get install --no-install-recommends texlive-latex-base" in err
+
+
 # --- commands -----------------------------------------------------------------------------------
 
 def test_cli_vocab(tmp_path, capsys):
@@ -1337,16 +1401,23 @@ def test_damaged_or_tampered_checkpoints_are_refused_in_one_line(overfit_run, tm
 
 
 def training_command(run_dir, split, cache, total_steps, resume):
-    overrides = tiny_overrides(run_dir, split, total_steps=total_steps, warmup_steps=2, eval_every=3, log_every=1,
+    overrides = tiny_overrides(run_dir, split, total_steps=total_steps, warmup_steps=2, eval_every=4, log_every=1,
                                val_samples=2, keep_checkpoints=2)
     return run_cli(["train", "--quiet", *(["--resume"] if resume else []), *cli_overrides(overrides)],
                    {"LATEXOCR_CACHE_DIR": str(cache), "JAX_DISABLE_MOST_OPTIMIZATIONS": "true"})
 
 
-def logged(run_dir, event):
-    """The complete records of one event in a run's log (a line being written is left out)."""
+def logged_since_start(run_dir, event):
+    """The complete records of one event written by the latest process of a run (those after its
+    last `start` record; a line being written is left out)."""
     text = (run_dir / "train.log").read_text() if (run_dir / "train.log").exists() else ""
-    return [record for line in text.split("\n")[:-1] if (record := json.loads(line))["event"] == event]
+    records = [json.loads(line) for line in text.split("\n")[:-1]]
+    starts = [i for i, record in enumerate(records) if record["event"] == "start"]
+    return [record for record in records[starts[-1] + 1:] if record["event"] == event] if starts else []
+
+
+def saving(run_dir):
+    return [p.name for p in run_dir.iterdir() if ".orbax-checkpoint-tmp" in p.name]
 
 
 def wait_for(condition, process, timeout=240, every=0.002):
@@ -1360,43 +1431,44 @@ def wait_for(condition, process, timeout=240, every=0.002):
 
 
 def test_training_survives_sigint_and_sigkill_at_any_point(tmp_path, eight_examples):
-    """Ctrl-C saves the current step and exits 130; SIGKILL (during a checkpoint save, or at a
-    random moment) loses at most the steps since the last complete checkpoint; every resume
-    starts from the latest complete one and the run ends where it should. More kills:
-    LATEXOCR_KILL_TRIALS=N."""
+    """Ctrl-C saves the current step and exits 130; SIGKILL (during a checkpoint save, or a random
+    number of steps after the resume) loses at most the steps since the last complete checkpoint;
+    every resume starts from the latest complete one and the run ends where it should. More
+    kills: LATEXOCR_KILL_TRIALS=N (and LATEXOCR_KILL_SEED)."""
     import signal
-    import time
 
     run_dir, cache = tmp_path / "run", tmp_path / "cache"
     process = training_command(run_dir, eight_examples, cache, 100_000, resume=False)
-    wait_for(lambda: any(r["step"] >= 4 for r in logged(run_dir, "train")), process, every=0.05)
+    wait_for(lambda: any(r["step"] >= 5 for r in logged_since_start(run_dir, "train")), process, every=0.05)
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=120)
     stopped = json.loads(out.splitlines()[-1])["step"]
     assert process.returncode == 130 and f"interrupted; saved step {stopped}" in err
-    assert L.checkpoint_steps(run_dir)[-1] == stopped and logged(run_dir, "interrupted")[-1]["step"] == stopped
+    assert L.checkpoint_steps(run_dir)[-1] == stopped
+    assert logged_since_start(run_dir, "interrupted")[-1]["step"] == stopped
 
     rng = np.random.default_rng(int(os.environ.get("LATEXOCR_KILL_SEED", "0")))
-    trials = int(os.environ.get("LATEXOCR_KILL_TRIALS", "2"))
-    for trial in range(trials):
+    for trial in range(int(os.environ.get("LATEXOCR_KILL_TRIALS", "2"))):
         before = L.checkpoint_steps(run_dir)[-1]
-        resumes = len(logged(run_dir, "resume"))
+        starts = (run_dir / "train.log").read_text().count('"event": "start"')
         process = training_command(run_dir, eight_examples, cache, 100_000, resume=True)
-        wait_for(lambda: len(logged(run_dir, "resume")) > resumes, process, every=0.05)
-        assert logged(run_dir, "resume")[-1]["step"] == before
-        if trial % 2 == 0:  # during a checkpoint save: while orbax's temporary folder exists
-            wait_for(lambda: any(".orbax-checkpoint-tmp" in p.name for p in run_dir.iterdir()), process)
-            moment = "during a save"
+        wait_for(lambda: (run_dir / "train.log").read_text().count('"event": "start"') > starts
+                 and logged_since_start(run_dir, "train"), process, every=0.01)
+        assert logged_since_start(run_dir, "resume")[-1]["step"] == before
+        if trial % 2 == 0:
+            wait_for(lambda: saving(run_dir), process)
+            moment = "while a checkpoint was being written"
         else:
-            wait_for(lambda: any(r["step"] > before for r in logged(run_dir, "train")), process, every=0.05)
-            time.sleep(rng.uniform(0, 3))
-            moment = "at a random moment"
+            steps = int(rng.integers(1, 9))
+            wait_for(lambda: logged_since_start(run_dir, "train")[-1]["step"] >= before + steps, process, every=0.005)
+            moment = f"{steps} steps after resuming"
         complete = L.checkpoint_steps(run_dir)[-1]
         process.kill()
         process.communicate()
         after = L.checkpoint_steps(run_dir)[-1]
-        print(f"kill {trial + 1} {moment}: latest complete checkpoint {complete} before, {after} after; "
-              f"logged step {max(r['step'] for r in logged(run_dir, 'train'))}")
+        print(f"kill {trial + 1}, {moment}: resumed from {before}, last logged step "
+              f"{logged_since_start(run_dir, 'train')[-1]['step']}, latest complete checkpoint {complete} at the kill, "
+              f"{after} after it; half-written: {saving(run_dir) or 'none'}")
         assert after >= complete
         final_params(run_dir, after)  # the latest complete checkpoint restores
 
@@ -1405,9 +1477,9 @@ def test_training_survives_sigint_and_sigkill_at_any_point(tmp_path, eight_examp
     out, err = process.communicate(timeout=300)
     assert process.returncode == 0, err
     assert json.loads(out.splitlines()[-1])["step"] == latest + 4
-    assert logged(run_dir, "resume")[-1]["step"] == latest
+    assert logged_since_start(run_dir, "resume")[-1]["step"] == latest
     assert L.checkpoint_steps(run_dir)[-1] == latest + 4
-    assert not [p.name for p in run_dir.iterdir() if ".orbax-checkpoint-tmp" in p.name]  # cleaned on resume
+    assert not saving(run_dir)  # what a killed save left is removed when the run resumes
 
 
 LATEX_PIECES = ["\\frac", "\\alpha", "\\left(", "\\right)", "\\left\\{", "\\right.", "\\begin{array}", "\\end{array}",
