@@ -1001,13 +1001,14 @@ def write_json_atomic(path: Path, value: Any) -> None:
 TEX_PACKAGES = "texlive-latex-base texlive-latex-recommended texlive-fonts-recommended ghostscript"
 # Math fonts to vary the look of renderings: Computer Modern (IM2LATEX-100K's), Times, Palatino.
 RENDER_FONTS = {"cm": "", "times": r"\usepackage{txfonts}", "palatino": r"\usepackage{pxfonts}"}
-# IM2LATEX-100K's look: a 10pt article with amsmath, one `\[ ... \]` per page (pages wide enough
-# that long formulas do not wrap), rendered at 200 dpi, cropped, padded 8 px, halved.
+# IM2LATEX-100K's look: a 10pt article with amsmath, one `\[ ... \]` per page, rendered at 200 dpi,
+# cropped, padded 8 px, halved. The page is wider than any IM2LATEX-100K formula (the widest are
+# about 8 inches) yet small enough to rasterise quickly; ink touching its edge means it did not fit.
 RENDER_DOCUMENT = r"""\documentclass[10pt]{article}
 \usepackage{amsmath,amssymb}
 %s
 \pagestyle{empty}
-\pdfpagewidth=22in \pdfpageheight=8in \textwidth=21in \textheight=7.5in
+\pdfpagewidth=12in \pdfpageheight=5in \textwidth=11in \textheight=4.5in
 \hoffset=-1in \voffset=-1in \oddsidemargin=0.5in \topmargin=0.25in \headheight=0pt \headsep=0pt
 \begin{document}
 %s
@@ -1041,10 +1042,13 @@ def latex_error(log: str) -> str:
 
 
 def finish_rendering(page: np.ndarray) -> np.ndarray | None:
-    """Crop a rendered page (uint8 gray, white paper) to its ink, pad 8 px of paper, halve; None when blank."""
+    """Crop a rendered page (uint8 gray, white paper) to its ink, pad 8 px of paper, halve; None when
+blank; ValueError when the ink reaches the page's edge."""
     rows, cols = np.nonzero(page < 250)
     if rows.size == 0:
         return None
+    if rows.min() == 0 or cols.min() == 0 or rows.max() == page.shape[0] - 1 or cols.max() == page.shape[1] - 1:
+        raise ValueError("does not fit on the page")
     ink = page[rows.min(): rows.max() + 1, cols.min(): cols.max() + 1]
     padded = np.pad(ink, 8, constant_values=255)
     return np.asarray(Image.fromarray(padded).reduce(2))
@@ -1085,7 +1089,10 @@ def render_document(formulas: Sequence[str], font: str, dpis: Sequence[int], fol
         if done.returncode != 0 or len(pages) != len(formulas):
             return None, f"Ghostscript gave {len(pages)} pages for {len(formulas)} formulas"
         for index, page in enumerate(pages):
-            image = finish_rendering(np.asarray(Image.open(page).convert("L")))
+            try:
+                image = finish_rendering(np.asarray(Image.open(page).convert("L")))
+            except ValueError as error:
+                return None, str(error)
             if image is None:
                 return None, "renders as a blank page"
             images[index][dpi] = image
@@ -1138,7 +1145,7 @@ def render_formulas(formulas_path: Path, out: Path, split: str, settings: Render
         for (number, formula), renderings in zip(batch, images):
             for dpi, image in (renderings or {}).items():
                 name = f"{number:06d}_{font}_{dpi}.png"
-                Image.fromarray(image).save(out / "images" / name, optimize=True)
+                Image.fromarray(image).save(out / "images" / name)
         return font, batch, images, failures
 
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
