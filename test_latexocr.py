@@ -638,6 +638,18 @@ def test_render_at_200_dpi_matches_real_im2latex_images(tmp_path, capsys):
     assert np.median(ratios, axis=0) == pytest.approx((1.0, 1.0), abs=0.03)
 
 
+def test_finish_rendering_crops_pads_halves_and_refuses_cut_off_ink():
+    page = np.full((100, 200), 255, np.uint8)
+    assert L.finish_rendering(page) is None
+    page[30:50, 60:100] = 0  # 20 x 40 ink -> padded 8 px: 36 x 56 -> halved: 18 x 28
+    image = L.finish_rendering(page)
+    assert image.shape == (18, 28) and image[0, 0] == 255 and image[9, 14] == 0
+    page[40:50, 150:200] = 0  # ink running off the right edge
+    with pytest.raises(ValueError, match="does not fit on the page"):
+        L.finish_rendering(page)
+    assert L.latex_source("a \\hspace { 1 c m } b \\hspace * { 2 . 5 e m }") == "a \\hspace {1cm} b \\hspace * {2.5em}"
+
+
 def test_render_names_the_debian_packages_when_tex_is_missing(tmp_path, capsys, monkeypatch):
     (tmp_path / "formulas.txt").write_text("x\n")
     monkeypatch.setattr(L.shutil, "which", lambda tool: None)
