@@ -1138,26 +1138,25 @@ def render_formulas(formulas_path: Path, out: Path, split: str, settings: Render
     entries: dict[str, dict[str, Any]] = {}
     failed: dict[int, dict[str, str]] = {}
 
-    def run(job):
+    def run(job) -> tuple[list[tuple[str, str]], list[dict[str, Any]]]:
+        """Render one document's formulas; (image name, formula) of each image written, and the failures."""
         font, batch = job
         failures: list[tuple[int, str]] = []
-        images = render_batch([formula for _, formula in batch], font, settings, failures)
-        for (number, formula), renderings in zip(batch, images):
+        written = []
+        for (number, formula), renderings in zip(batch, render_batch([f for _, f in batch], font, settings, failures)):
             for dpi, image in (renderings or {}).items():
                 name = f"{number:06d}_{font}_{dpi}.png"
                 Image.fromarray(image).save(out / "images" / name)
-        return font, batch, images, failures
+                written.append((name, formula))
+        return written, [{"line": batch[i][0], "formula": batch[i][1], "font": font, "error": e} for i, e in failures]
 
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        for font, batch, images, failures in tqdm(pool.map(run, jobs), total=len(jobs), disable=not progress,
-                                                  desc="render", unit="document"):
-            for index, error in failures:
-                number, formula = batch[index]
-                failed.setdefault(number, {"line": number, "formula": formula, "font": font, "error": error})
-            for (number, formula), renderings in zip(batch, images):
-                for dpi in renderings or {}:
-                    name = f"{number:06d}_{font}_{dpi}.png"
-                    entries[name] = {"img_path": name, "caption": formula, "caption_len": len(formula.split())}
+        for written, failures in tqdm(pool.map(run, jobs), total=len(jobs), disable=not progress,
+                                      desc="render", unit="document"):
+            for failure in failures:
+                failed.setdefault(failure["line"], failure)
+            for name, formula in written:
+                entries[name] = {"img_path": name, "caption": formula, "caption_len": len(formula.split())}
     write_json_atomic(out / f"{split}.json", dict(sorted(entries.items())))
     report = {"formulas": len(numbered), "rendered_formulas": len({name.split("_")[0] for name in entries}),
               "images": len(entries), "failed_formulas": len(failed), "dpis": list(settings.dpis),
