@@ -2083,15 +2083,15 @@ def restore_items(directory: Path, step: int, items: dict[str, Any]) -> dict[str
     stored = {}
     for name, target in items.items():
         try:
-            stored[name] = ocp.StandardCheckpointHandler().metadata((where / name).resolve())
+            stored[name] = leaves_by_name(ocp.StandardCheckpointHandler().metadata((where / name).resolve()))
         except Exception as error:  # orbax raises many types for a missing or unreadable item
             raise UserError(f"checkpoint {where} has no readable {name}: {str(error).splitlines()[0][:300]}") from None
-        problem = shape_mismatch(leaves_by_name(stored[name]), leaves_by_name(target))
+        problem = shape_mismatch(stored[name], leaves_by_name(target))
         if problem:
             raise UserError(f"checkpoint {where} does not match this model: {problem}")
     as_stored = {name: jax.tree_util.tree_map_with_path(
-        lambda path, t, dtypes=leaves_by_name(stored[name]): jax.ShapeDtypeStruct(
-            t.shape, dtypes[leaf_name(path)].dtype, sharding=t.sharding), target)
+        lambda path, t, leaves=stored[name]: jax.ShapeDtypeStruct(t.shape, leaves[leaf_name(path)].dtype,
+                                                                  sharding=t.sharding), target)
         for name, target in items.items()}
     checkpointer = ocp.StandardCheckpointer()
     try:
