@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from PIL import Image, ImageFilter, UnidentifiedImageError
+from scipy import ndimage
 
 MODULE_DIR = Path(__file__).resolve().parent
 PAD, SOS, EOS, UNK, CLS, SEP, MASK = "<PAD>", "<SOS>", "<EOS>", "<UNK>", "[CLS]", "[SEP]", "[MASK]"
@@ -80,6 +81,10 @@ class DataConfig:
     image_base_dir: str = "data/images"
     # Ink (the cropped formula) is scaled so its height lies in this range, keeping aspect ratio.
     min_ink_height: int = 12
+    # Images whose median glyph height (px) is far from this, IM2LATEX-100K's (half of its images
+    # lie within 7.5-10), are rescaled to it, so a screenshot at twice or half the size reads the
+    # same; 0 turns this off.
+    glyph_height: float = 9.0
     max_ink_height: int = 180
     margin: int = 4
     bucket_heights: tuple[int, ...] = (32, 64, 128, 192)
@@ -283,6 +288,7 @@ def validate_config(config: Config) -> Config:
         (min(d.bucket_heights + d.bucket_widths) > 0, "data.bucket_heights and data.bucket_widths must be positive"),
         (all(h % m.patch_size == 0 for h in d.bucket_heights + d.bucket_widths),
          "data.bucket_heights and data.bucket_widths must be multiples of model.patch_size"),
+        (d.glyph_height >= 0, "data.glyph_height must be >= 0 (0 turns glyph-size normalization off)"),
         (0 < d.min_ink_height <= d.max_ink_height <= max(d.bucket_heights) - 2 * d.margin,
          "need 0 < data.min_ink_height <= data.max_ink_height <= largest bucket height - 2*margin"),
         (max(d.sequence_buckets) <= m.max_seq_len, "data.sequence_buckets must be at most model.max_seq_len"),
@@ -551,13 +557,36 @@ def resize_ink(ink: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.asarray(Image.fromarray(ink).resize((max(width, 1), max(height, 1)), Image.BILINEAR))
 
 
+# Glyph sizes within this factor of data.glyph_height are left alone: that covers 97 % of real
+# IM2LATEX-100K images, and training sees such sizes anyway (renderings at 0.8x and 1.2x,
+# augmentation by up to 25 %).
+GLYPH_TOLERANCE = 1.5
+
+
+def glyph_height(ink: np.ndarray) -> float | None:
+    """Median height of the connected ink shapes at least 2 px tall. It follows the font size, not
+    the layout: a fraction or a big operator makes the crop taller but leaves most glyphs alone."""
+    labels, count = ndimage.label(ink > 96, structure=np.ones((3, 3)))
+    heights = np.array([box[0].stop - box[0].start for box in ndimage.find_objects(labels)]) if count else []
+    tall = [h for h in heights if h >= 2]
+    return float(np.median(tall)) if tall else None
+
+
+def glyph_scale(ink: np.ndarray, data: DataConfig) -> float:
+    measured = glyph_height(ink) if data.glyph_height else None
+    if measured is None or 1 / GLYPH_TOLERANCE <= data.glyph_height / measured <= GLYPH_TOLERANCE:
+        return 1.0
+    return data.glyph_height / measured
+
+
 def scale_into_range(ink: np.ndarray, data: DataConfig) -> np.ndarray:
-    """Scale (aspect kept) so the ink height is within range and the width fits the widest bucket."""
+    """Scale (aspect kept) so the glyphs have about the usual size, the ink height is within
+    range and the width fits the widest bucket."""
     height, width = ink.shape
-    scale = 1.0
-    if height < data.min_ink_height:
+    scale = glyph_scale(ink, data)
+    if height * scale < data.min_ink_height:
         scale = data.min_ink_height / height
-    elif height > data.max_ink_height:
+    elif height * scale > data.max_ink_height:
         scale = data.max_ink_height / height
     scale = min(scale, (max(data.bucket_widths) - 2 * data.margin) / width)
     if scale == 1.0:
@@ -937,6 +966,27 @@ def find_original_layout(root: Path) -> tuple[Path, dict[str, Path], Path]:
     return formulas, lists, images
 
 
+# The `gg_processed` layout of IM2LATEX-100K: per split, `images_<stem>/N.png`, the formulas of that
+# split (`<stem>.formulas.norm.txt`) and `<stem>.matching.txt` (`N.png line`).
+GG_SPLIT_STEMS = {"train": "train", "validate": "val", "test": "test"}
+
+
+def is_gg_layout(root: Path) -> bool:
+    return any((root / f"{stem}.matching.txt").is_file() for stem in GG_SPLIT_STEMS.values())
+
+
+def pairs_from_gg_layout(root: Path):
+    """(split, image path relative to root, formula); a split whose formulas file is absent (the
+    train split's, in the public copy) is left out."""
+    for split, stem in GG_SPLIT_STEMS.items():
+        formulas_path, matching = root / f"{stem}.formulas.norm.txt", root / f"{stem}.matching.txt"
+        if not (formulas_path.is_file() and matching.is_file()):
+            continue
+        formulas = formulas_path.read_text(encoding="utf-8", errors="replace").splitlines()
+        for name, index in read_split_list(matching):
+            yield split, f"images_{stem}/{name}", formulas[index] if 0 <= index < len(formulas) else None
+
+
 def pairs_from_original(formulas_path: Path, lists: dict[str, Path]):
     formulas = formulas_path.read_text(encoding="utf-8", errors="replace").splitlines()
     for split, list_path in lists.items():
@@ -983,11 +1033,66 @@ def prepare(pairs, images: Path, out: Path, copy_images: bool) -> dict[str, dict
         write_json_atomic(out / f"{split}.json", splits[split])
         if copy_images:
             for name in splits[split]:
+                (out / "images" / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(images / name, out / "images" / name)
         report[split] = {"written": len(splits[split]), **{k: len(v) for k, v in skipped[split].items()}}
     write_json_atomic(out / "prepare_report.json",
                       {"counts": report, "skipped": {s: dict(v) for s, v in skipped.items() if v}})
     return report
+
+
+def formula_key(caption: str) -> str:
+    return " ".join(caption.split())
+
+
+def excluded_formulas(paths: Sequence[str]) -> set[str]:
+    """Formulas never to train on: the captions of split files, or text files of one formula a line."""
+    formulas = set()
+    for path in paths:
+        if Path(path).suffix == ".json":
+            formulas.update(formula_key(c) for c in split_captions(path))
+        else:
+            file = resolve_path(path)
+            if not file.is_file():
+                raise UserError(f"formula file not found: {path}")
+            formulas.update(formula_key(line) for line in file.read_text(errors="replace").splitlines() if line.split())
+    return formulas
+
+
+def combine_splits(sources: Sequence[tuple[str, Path]], excluded: set[str], holdout: int, holdout_from: str,
+                   seed: int) -> tuple[dict, dict, dict]:
+    """One train split from several (each with its image folder; image paths made absolute and
+    names prefixed `<source number>-`), without the excluded formulas. With `holdout`, that many
+    distinct formulas of the `holdout_from` source become the validate split, and every other
+    entry of those formulas leaves the train split, so no validation formula is trained on.
+    Returns train, validate and the counts by reason."""
+    pooled, counts = [], collections.Counter()
+    for number, (path, images) in enumerate(sources, 1):
+        for name, entry in read_split_file(path)[0].items():
+            if not (isinstance(entry, dict) and isinstance(entry.get("caption"), str)
+                    and isinstance(entry.get("img_path"), str) and entry["caption"].split()):
+                counts["entry lacks img_path or caption"] += 1
+            elif formula_key(entry["caption"]) in excluded:
+                counts["excluded formula"] += 1
+            else:
+                tokens = entry["caption"].split()
+                pooled.append((path, f"{number}-{name}", {"img_path": str((images / entry["img_path"]).absolute()),
+                                                          "caption": " ".join(tokens), "caption_len": len(tokens)}))
+    candidates = sorted({formula_key(e["caption"]) for path, _, e in pooled if path == holdout_from})
+    if holdout > len(candidates):
+        raise UserError(f"--holdout {holdout} is more than the {len(candidates)} usable formulas of {holdout_from}")
+    held = set(np.random.default_rng(seed).permutation(candidates)[:holdout].tolist())
+    train, validate, validated = {}, {}, set()
+    for path, name, entry in pooled:
+        key = formula_key(entry["caption"])
+        if key not in held:
+            train[name] = entry
+        elif path == holdout_from and key not in validated:
+            validate[name] = entry
+            validated.add(key)
+        else:
+            counts["other entry of a validation formula"] += 1
+    return train, validate, {"train": len(train), "validate": len(validate), **counts}
 
 
 def write_json_atomic(path: Path, value: Any) -> None:
@@ -2888,10 +2993,13 @@ def command_prepare(args, config: Config) -> int:
         root = Path(args.root)
         if not root.is_dir():
             raise UserError(f"folder not found: {root}")
-        formulas, lists, images = find_original_layout(root)
+        if is_gg_layout(root):
+            pairs, images = pairs_from_gg_layout(root), root
+        else:
+            formulas, lists, images = find_original_layout(root)
+            pairs = pairs_from_original(formulas, lists)
         if args.images:
             images = Path(args.images)
-        pairs = pairs_from_original(formulas, lists)
     if not images.is_dir():
         raise UserError(f"image folder not found: {images}")
     report = prepare(pairs, images, out, args.copy_images)
@@ -2920,6 +3028,34 @@ def command_render(args, config: Config) -> int:
     print(f"{report['rendered_formulas']} of {report['formulas']} formulas rendered into {report['images']} images "
           f"in {out / 'images'}; {report['failed_formulas']} did not compile (listed in {out / 'render_report.json'}); "
           f"wrote {out / (args.split + '.json')}: use it with --set data.image_base_dir={out / 'images'}")
+    return 0
+
+
+def command_combine(args, config: Config) -> int:
+    sources = []
+    for item in args.add:
+        path, sep, images = item.partition("=")
+        if not sep or not images:
+            raise UserError(f"--add expects SPLIT.json=IMAGE_FOLDER, got {item!r}")
+        if not resolve_path(images).is_dir():
+            raise UserError(f"image folder not found: {images} (in --add {item})")
+        sources.append((path, resolve_path(images)))
+    if args.holdout < 0:
+        raise UserError("--holdout must be >= 0")
+    if args.holdout and args.holdout_from not in [path for path, _ in sources]:
+        raise UserError("--holdout-from must name one of the --add split files")
+    out = Path(args.out)
+    if (out / "train.json").exists():
+        raise UserError(f"{out / 'train.json'} exists; choose another output folder")
+    train, validate, counts = combine_splits(sources, excluded_formulas(args.exclude), args.holdout,
+                                             args.holdout_from or "", args.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "train.json", train)
+    if args.holdout:
+        write_json_atomic(out / "validate.json", validate)
+    write_json_atomic(out / "combine_report.json", counts)
+    print(", ".join(f"{k} {v}" for k, v in counts.items()) + f"; wrote {out}/train.json"
+          + (f" and {out}/validate.json" if args.holdout else "") + " (image paths are absolute)")
     return 0
 
 
@@ -3113,13 +3249,27 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     sub = add("prepare", "convert IM2LATEX-100K (original layout or formula,image CSV) to split JSON files")
-    sub.add_argument("--root", help="folder with im2latex_formulas.norm.lst, split lists and an image folder")
+    sub.add_argument("--root", help="folder with im2latex_formulas.norm.lst, split lists and an image folder, "
+                                    "or the gg_processed layout (<split>.formulas.norm.txt, <split>.matching.txt, "
+                                    "images_<split>/)")
     sub.add_argument("--csv", action="append", default=[], metavar="SPLIT=FILE",
                      help="a formula,image CSV for one split (repeatable)")
     sub.add_argument("--images", help="image folder (overrides the one found under --root)")
     sub.add_argument("--out", required=True, help="output folder for train/validate/test.json")
     sub.add_argument("--copy-images", action="store_true", help="copy the images into OUT/images")
     sub.set_defaults(run=command_prepare)
+
+    sub = add("combine", "merge split files into one train split, leaving out test formulas and holding "
+                         "some formulas out for validation")
+    sub.add_argument("out", help="output folder: train.json, validate.json, combine_report.json")
+    sub.add_argument("--add", action="append", default=[], required=True, metavar="SPLIT.json=IMAGES",
+                     help="a split file and the folder its img_paths are relative to (repeatable)")
+    sub.add_argument("--exclude", action="append", default=[], metavar="FILE",
+                     help="leave out every formula of this split JSON or text file (one a line; repeatable)")
+    sub.add_argument("--holdout", type=int, default=0, help="distinct formulas to hold out for validation")
+    sub.add_argument("--holdout-from", help="the --add split file whose images validate (real images, say)")
+    sub.add_argument("--seed", type=int, default=0, help="which formulas are held out (default 0)")
+    sub.set_defaults(run=command_combine)
 
     sub = add("vocab", "build vocab.json from a train split")
     sub.add_argument("--split", help="split JSON (default: data.train_split)")

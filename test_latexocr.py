@@ -182,7 +182,7 @@ def test_ink_crop_finds_the_formula():
 
 
 def test_preprocess_keeps_aspect_and_uses_a_bucket():
-    data = L.DataConfig()
+    data = L.DataConfig(glyph_height=0)  # a solid box is one 30-px "glyph": keep its size
     canvas = L.preprocess_image(formula_like(box=(0, 0, 299, 29), width=400), data)
     assert canvas.shape == (64, 512)
     assert canvas.shape[0] % 16 == 0 and canvas.shape[1] % 16 == 0
@@ -191,12 +191,29 @@ def test_preprocess_keeps_aspect_and_uses_a_bucket():
 
 
 def test_wide_formula_is_shrunk_not_squashed():
-    data = L.DataConfig()
+    data = L.DataConfig(glyph_height=0)
     canvas = L.preprocess_image(formula_like(width=2000, height=100, box=(0, 0, 1519, 39)), data)
     rows, cols = np.nonzero(canvas > 0.5)
     height, width = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
     assert canvas.shape[1] == max(data.bucket_widths)
     assert abs(width / height - 1520 / 40) < 1.5
+
+
+def test_glyph_size_normalization_undoes_image_scale():
+    """A real formula image at half and twice its size gives about the original's canvas; at its
+    own size (glyphs of the usual height) it is left alone."""
+    data = L.DataConfig()
+    images = (Image.open(DATA / "images" / e["img_path"]) for e in json.loads((DATA / "test.json").read_text()).values())
+    image = next(i for i in images if L.ink_crop(i).shape[0] >= 30)  # at half size still over min_ink_height
+    original = L.ink_crop(image)
+    assert L.glyph_scale(original, data) == 1.0
+    assert L.scale_into_range(original, data).shape == original.shape
+    for factor in (0.5, 2.0):
+        scaled = image.resize((round(image.width * factor), round(image.height * factor)), Image.BICUBIC)
+        ink = L.scale_into_range(L.ink_crop(scaled), data)
+        assert abs(ink.shape[0] / original.shape[0] - 1) < 0.3, (factor, ink.shape, original.shape)
+        unchanged = L.scale_into_range(L.ink_crop(scaled), L.DataConfig(glyph_height=0))
+        assert abs(unchanged.shape[0] / original.shape[0] - factor) < 0.2 * factor
 
 
 def test_tiny_formula_is_scaled_up_to_min_height():
@@ -579,6 +596,55 @@ def test_prepare_csv_export(tmp_path, capsys):
     written = json.loads((tmp_path / "out" / "validate.json").read_text())
     assert written == {name: e for name, e in entries}
     assert len(list((tmp_path / "out" / "images").iterdir())) == 5
+
+
+def test_prepare_gg_processed_layout(tmp_path, capsys):
+    """Per-split formula and matching files; image paths keep their images_<split>/ folder."""
+    entries = list(json.loads((DATA / "validate.json").read_text()).values())[:4]
+    root = tmp_path / "gg"
+    for stem, chosen in (("val", entries[:3]), ("test", entries[3:])):
+        (root / f"images_{stem}").mkdir(parents=True)
+        for number, entry in enumerate(chosen):
+            shutil.copy(DATA / "images" / entry["img_path"], root / f"images_{stem}" / f"{number}.png")
+        (root / f"{stem}.formulas.norm.txt").write_text("".join(e["caption"] + "\n" for e in chosen))
+        (root / f"{stem}.matching.txt").write_text("".join(f"{i}.png {i}\n" for i in range(len(chosen))))
+    (root / "train.matching.txt").write_text("0.png 0\n")  # its formulas file is not public: left out
+    code, out, _ = run_main(["prepare", "--root", root, "--out", tmp_path / "out"], capsys)
+    assert code == 0 and "validate: written 3" in out and "test: written 1" in out and "train" not in out
+    validate = json.loads((tmp_path / "out" / "validate.json").read_text())
+    assert validate["images_val/2.png"] == {"img_path": "images_val/2.png", "caption": entries[2]["caption"],
+                                            "caption_len": entries[2]["caption_len"]}
+
+
+def test_combine_leaves_out_test_formulas_and_holds_out_validation_formulas(tmp_path, capsys):
+    """Two sources share formulas: an excluded formula leaves both; a held-out formula gives one
+    validation entry (from --holdout-from) and leaves the train split everywhere."""
+    def split(names_captions):
+        return {name: {"img_path": f"{name}.png", "caption": caption, "caption_len": len(caption.split())}
+                for name, caption in names_captions}
+    formulas = [f"x _ {i}" for i in range(6)]
+    real = tmp_path / "real.json"
+    real.write_text(json.dumps(split([(f"r{i}", f) for i, f in enumerate(formulas)])))
+    rendered = tmp_path / "rendered.json"
+    rendered.write_text(json.dumps(split([(f"a{i}", f) for i, f in enumerate(formulas)]
+                                         + [(f"b{i}", "  " + f) for i, f in enumerate(formulas)])))
+    (tmp_path / "test.txt").write_text("x _ 0\nx  _ 1\n")
+    (tmp_path / "renders").mkdir()
+    code, out, _ = run_main(["combine", tmp_path / "out", "--add", f"{real}={tmp_path}", "--add",
+                             f"{rendered}={tmp_path / 'renders'}", "--exclude", tmp_path / "test.txt",
+                             "--holdout", 2, "--holdout-from", real], capsys)
+    assert code == 0, out
+    train = json.loads((tmp_path / "out" / "train.json").read_text())
+    validate = json.loads((tmp_path / "out" / "validate.json").read_text())
+    held = {e["caption"] for e in validate.values()}
+    assert len(held) == 2 and held <= set(formulas[2:]) and all(name.startswith("1-r") for name in validate)
+    assert {e["caption"] for e in train.values()} == set(formulas[2:]) - held
+    assert len(train) == 3 * 2  # each kept formula: its real image and two renderings (caption re-spaced)
+    assert all(Path(e["img_path"]).is_absolute() for e in train.values())
+    report = json.loads((tmp_path / "out" / "combine_report.json").read_text())
+    assert report == {"train": 6, "validate": 2, "excluded formula": 6, "other entry of a validation formula": 4}
+    code, _, err = run_main(["combine", tmp_path / "out", "--add", f"{real}={tmp_path}"], capsys)
+    assert code == 2 and "exists" in err
 
 
 # --- render -------------------------------------------------------------------------------------
