@@ -49,7 +49,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from PIL import Image, ImageFilter, UnidentifiedImageError
-from scipy import ndimage
 
 MODULE_DIR = Path(__file__).resolve().parent
 PAD, SOS, EOS, UNK, CLS, SEP, MASK = "<PAD>", "<SOS>", "<EOS>", "<UNK>", "[CLS]", "[SEP]", "[MASK]"
@@ -81,10 +80,6 @@ class DataConfig:
     image_base_dir: str = "data/images"
     # Ink (the cropped formula) is scaled so its height lies in this range, keeping aspect ratio.
     min_ink_height: int = 12
-    # Images whose median glyph height (px) is far from this, IM2LATEX-100K's (half of its images
-    # lie within 7.5-10), are rescaled to it, so a screenshot at twice or half the size reads the
-    # same; 0 turns this off.
-    glyph_height: float = 9.0
     max_ink_height: int = 180
     margin: int = 4
     bucket_heights: tuple[int, ...] = (32, 64, 128, 192)
@@ -288,7 +283,6 @@ def validate_config(config: Config) -> Config:
         (min(d.bucket_heights + d.bucket_widths) > 0, "data.bucket_heights and data.bucket_widths must be positive"),
         (all(h % m.patch_size == 0 for h in d.bucket_heights + d.bucket_widths),
          "data.bucket_heights and data.bucket_widths must be multiples of model.patch_size"),
-        (d.glyph_height >= 0, "data.glyph_height must be >= 0 (0 turns glyph-size normalization off)"),
         (0 < d.min_ink_height <= d.max_ink_height <= max(d.bucket_heights) - 2 * d.margin,
          "need 0 < data.min_ink_height <= data.max_ink_height <= largest bucket height - 2*margin"),
         (max(d.sequence_buckets) <= m.max_seq_len, "data.sequence_buckets must be at most model.max_seq_len"),
@@ -557,36 +551,13 @@ def resize_ink(ink: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.asarray(Image.fromarray(ink).resize((max(width, 1), max(height, 1)), Image.BILINEAR))
 
 
-# Glyph sizes within this factor of data.glyph_height are left alone: that covers 97 % of real
-# IM2LATEX-100K images, and training sees such sizes anyway (renderings at 0.8x and 1.2x,
-# augmentation by up to 25 %).
-GLYPH_TOLERANCE = 1.5
-
-
-def glyph_height(ink: np.ndarray) -> float | None:
-    """Median height of the connected ink shapes at least 2 px tall. It follows the font size, not
-    the layout: a fraction or a big operator makes the crop taller but leaves most glyphs alone."""
-    labels, count = ndimage.label(ink > 96, structure=np.ones((3, 3)))
-    heights = np.array([box[0].stop - box[0].start for box in ndimage.find_objects(labels)]) if count else []
-    tall = [h for h in heights if h >= 2]
-    return float(np.median(tall)) if tall else None
-
-
-def glyph_scale(ink: np.ndarray, data: DataConfig) -> float:
-    measured = glyph_height(ink) if data.glyph_height else None
-    if measured is None or 1 / GLYPH_TOLERANCE <= data.glyph_height / measured <= GLYPH_TOLERANCE:
-        return 1.0
-    return data.glyph_height / measured
-
-
 def scale_into_range(ink: np.ndarray, data: DataConfig) -> np.ndarray:
-    """Scale (aspect kept) so the glyphs have about the usual size, the ink height is within
-    range and the width fits the widest bucket."""
+    """Scale (aspect kept) so the ink height is within range and the width fits the widest bucket."""
     height, width = ink.shape
-    scale = glyph_scale(ink, data)
-    if height * scale < data.min_ink_height:
+    scale = 1.0
+    if height < data.min_ink_height:
         scale = data.min_ink_height / height
-    elif height * scale > data.max_ink_height:
+    elif height > data.max_ink_height:
         scale = data.max_ink_height / height
     scale = min(scale, (max(data.bucket_widths) - 2 * data.margin) / width)
     if scale == 1.0:
@@ -1906,6 +1877,25 @@ def ocr_cross_entropy(model: LatexOCR, params: Any, batch: dict[str, jax.Array],
     return cross_entropy(logits, tokens[:, 1:], label_smoothing)
 
 
+def image_reliance(logits_fn, params: Any, dataset: Dataset, rows: int) -> dict[str, float]:
+    """How much the decoder reads the image: the teacher-forced loss (nats per token, no label
+    smoothing) of the largest same-shape group of validation examples, with their own images and
+    with each row given the next row's image. A decoder that has become a language model of LaTeX
+    and ignores the image scores both the same (`image_gain` near 0), however low its loss.
+    logits_fn: jitted (params, images, input tokens) -> logits."""
+    members = max(dataset.groups().values(), key=len)[:rows]
+    if len(members) < 2:
+        return {}
+    batch = dataset.batch(np.asarray(members))
+    images, tokens = jnp.asarray(batch["images"]), jnp.asarray(batch["tokens"])
+
+    def loss(shown: jax.Array) -> float:
+        return float(cross_entropy(logits_fn(params, shown, tokens[:, :-1]), tokens[:, 1:], 0.0)[0])
+
+    own = loss(images)
+    return {"val_loss": own, "image_gain": loss(jnp.roll(images, 1, axis=0)) - own}
+
+
 def make_train_step(model: LatexOCR, optimizer: optax.GradientTransformation, label_smoothing: float):
     """The cross-entropy step of the OCR model."""
 
@@ -2512,10 +2502,12 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> dict[s
     params = initial_params(model, training, vocab)
     make_ocr_step = stage_two_step(model, config, vocab)
     predictor = Predictor(LatexOCR(dataclasses.replace(cfg, dtype="float32")), None, vocab, data)
+    teacher_forced = jax.jit(lambda p, images, tokens: predictor.model.apply({"params": p}, images, tokens))
 
     def validate(params):
         predictor.params = params
-        return evaluate_dataset(predictor, val_set, config.evaluation.batch_size)[0]
+        metrics = evaluate_dataset(predictor, val_set, config.evaluation.batch_size)[0]
+        return {**metrics, **image_reliance(teacher_forced, params, val_set, config.evaluation.batch_size)}
 
     trainee = Trainee(
         params=params,
