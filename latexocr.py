@@ -1049,13 +1049,14 @@ def combine_splits(sources: Sequence[tuple[str, Path]], excluded: set[str], hold
                 tokens = entry["caption"].split()
                 pooled.append((path, f"{number}-{name}", {"img_path": str((images / entry["img_path"]).absolute()),
                                                           "caption": " ".join(tokens), "caption_len": len(tokens)}))
-    candidates = sorted({formula_key(e["caption"]) for path, _, e in pooled if path == holdout_from})
+    # Pooled captions are already in formula_key form.
+    candidates = sorted({e["caption"] for path, _, e in pooled if path == holdout_from})
     if holdout > len(candidates):
         raise UserError(f"--holdout {holdout} is more than the {len(candidates)} usable formulas of {holdout_from}")
     held = set(np.random.default_rng(seed).permutation(candidates)[:holdout].tolist())
     train, validate, validated = {}, {}, set()
     for path, name, entry in pooled:
-        key = formula_key(entry["caption"])
+        key = entry["caption"]
         if key not in held:
             train[name] = entry
         elif path == holdout_from and key not in validated:
@@ -3240,7 +3241,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="override one config value, e.g. --set training.lr=3e-4 (repeatable)")
         return sub
 
-    sub = add("prepare", "convert IM2LATEX-100K (original layout or formula,image CSV) to split JSON files")
+    sub = add("prepare", "convert IM2LATEX-100K (original or gg_processed layout, or formula,image CSV) "
+                         "to split JSON files")
     sub.add_argument("--root", help="folder with im2latex_formulas.norm.lst, split lists and an image folder, "
                                     "or the gg_processed layout (<split>.formulas.norm.txt, <split>.matching.txt, "
                                     "images_<split>/)")
