@@ -848,20 +848,23 @@ def formula_bucket(formula: Sequence[str], data: DataConfig) -> int:
     return sequence_bucket(min(len(formula) + 2, max(data.sequence_buckets)), data)
 
 
-def read_formulas(path: str, vocab: Vocabulary) -> tuple[list[list[str]], int]:
-    """Token lists from a split JSON file (its captions) or a text file (one formula a line),
-    and how many tokens are not in the vocabulary (they become <UNK>)."""
+def formula_lines(path: str) -> list[str]:
+    """The formulas of a split JSON file (its captions) or of a text file (one a line)."""
     if path.endswith(".json"):
-        lines = split_captions(path)
-    else:
-        file = resolve_path(path)
-        if not file.is_file():
-            raise UserError(f"formula file not found: {path}")
-        try:
-            lines = file.read_text().splitlines()
-        except UnicodeDecodeError as error:
-            raise UserError(f"formula file {path} is not UTF-8 text: {error}") from None
-    formulas = [line.split() for line in lines if line.split()]
+        return split_captions(path)
+    file = resolve_path(path)
+    if not file.is_file():
+        raise UserError(f"formula file not found: {path}")
+    try:
+        return file.read_text().splitlines()
+    except UnicodeDecodeError as error:
+        raise UserError(f"formula file {path} is not UTF-8 text: {error}") from None
+
+
+def read_formulas(path: str, vocab: Vocabulary) -> tuple[list[list[str]], int]:
+    """Token lists of formula_lines(path), and how many tokens are not in the vocabulary (they
+    become <UNK>)."""
+    formulas = [line.split() for line in formula_lines(path) if line.split()]
     unknown = sum(token not in vocab.ids for formula in formulas for token in formula)
     return formulas, unknown
 
@@ -1018,16 +1021,7 @@ def formula_key(caption: str) -> str:
 
 def excluded_formulas(paths: Sequence[str]) -> set[str]:
     """Formulas never to train on: the captions of split files, or text files of one formula a line."""
-    formulas = set()
-    for path in paths:
-        if Path(path).suffix == ".json":
-            formulas.update(formula_key(c) for c in split_captions(path))
-        else:
-            file = resolve_path(path)
-            if not file.is_file():
-                raise UserError(f"formula file not found: {path}")
-            formulas.update(formula_key(line) for line in file.read_text(errors="replace").splitlines() if line.split())
-    return formulas
+    return {formula_key(line) for path in paths for line in formula_lines(path) if line.split()}
 
 
 def combine_splits(sources: Sequence[tuple[str, Path]], excluded: set[str], holdout: int, holdout_from: str,
