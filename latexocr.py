@@ -1,6 +1,7 @@
 """latexocr: turn an image of a math formula into LaTeX, in JAX/Flax.
 
-A ViT image encoder reads the formula image; a Transformer decoder writes IM2LATEX-style LaTeX
+A convolutional stem and Transformer encoder read the formula image (trained with an auxiliary CTC
+loss that reads the tokens straight off the image cells); a Transformer decoder writes IM2LATEX-style LaTeX
 tokens, greedily or by beam search, with a KV cache inside one jitted loop.
 
     python latexocr.py predict data/images/1015942522.png [--beam 5]
@@ -91,7 +92,11 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
     size: str = "small"
-    patch_size: int = 16
+    # The encoder gives one vector per cell of cell_height x cell_width pixels. Cells are narrow
+    # because a formula is read left to right and its glyphs are about 8 px wide at IM2LATEX-100K's
+    # size: a 16 px wide cell would hold two or three of them.
+    cell_height: int = 16
+    cell_width: int = 8
     max_seq_len: int = 256
     dropout: float = 0.1
 
@@ -108,6 +113,9 @@ class TrainingConfig:
     max_minutes: float = 0.0
     grad_clip: float = 1.0
     label_smoothing: float = 0.1
+    # Weight of the CTC loss that reads the formula's tokens straight off the image memory (see
+    # ctc_loss); 0 trains the decoder's cross-entropy alone.
+    ctc_weight: float = 0.5
     bf16: bool = False
     augment: bool = True
     seed: int = 0
@@ -198,9 +206,8 @@ class ModelConfig:
     decoder_layers: int
     heads: int
     mlp_dim: int
-    patch_size: int
-    max_rows: int
-    max_cols: int
+    cell_height: int
+    cell_width: int
     max_seq_len: int
     dropout: float = 0.0
     dtype: str = "float32"
@@ -269,6 +276,10 @@ def apply_overrides(config: Config, overrides: dict[str, dict[str, Any]]) -> Con
     return validate_config(dataclasses.replace(config, **replaced))
 
 
+def is_power_of_two(n: int) -> bool:
+    return n >= 2 and n & (n - 1) == 0
+
+
 def validate_config(config: Config) -> Config:
     d, m, t, e, f, r = (config.data, config.model, config.training, config.evaluation, config.feature_extractor,
                         config.rl)
@@ -278,11 +289,12 @@ def validate_config(config: Config) -> Config:
             raise UserError(f"data.{name} must not be empty")
     checks = [
         (m.size in MODEL_SIZES, f"model.size must be one of {', '.join(MODEL_SIZES)}"),
-        (m.patch_size > 0, "model.patch_size must be positive"),
+        (is_power_of_two(m.cell_height) and is_power_of_two(m.cell_width) and m.cell_width <= m.cell_height,
+         "model.cell_height and model.cell_width must be powers of two (2, 4, 8, ...), cell_width <= cell_height"),
         (d.margin >= 0, "data.margin must be >= 0"),
         (min(d.bucket_heights + d.bucket_widths) > 0, "data.bucket_heights and data.bucket_widths must be positive"),
-        (all(h % m.patch_size == 0 for h in d.bucket_heights + d.bucket_widths),
-         "data.bucket_heights and data.bucket_widths must be multiples of model.patch_size"),
+        (all(h % m.cell_height == 0 for h in d.bucket_heights) and all(w % m.cell_width == 0 for w in d.bucket_widths),
+         "data.bucket_heights must be multiples of model.cell_height, data.bucket_widths of model.cell_width"),
         (0 < d.min_ink_height <= d.max_ink_height <= max(d.bucket_heights) - 2 * d.margin,
          "need 0 < data.min_ink_height <= data.max_ink_height <= largest bucket height - 2*margin"),
         (max(d.sequence_buckets) <= m.max_seq_len, "data.sequence_buckets must be at most model.max_seq_len"),
@@ -298,6 +310,7 @@ def validate_config(config: Config) -> Config:
         (t.max_minutes >= 0, "training.max_minutes must be >= 0 (0 = no time limit)"),
         (t.grad_clip > 0, "training.grad_clip must be positive"),
         (0.0 <= t.label_smoothing < 1.0, "training.label_smoothing must be in [0, 1)"),
+        (t.ctc_weight >= 0, "training.ctc_weight must be >= 0 (0 turns the CTC loss off)"),
         (t.eval_every > 0 and t.log_every > 0, "training.eval_every and log_every must be positive"),
         (t.val_samples > 0, "training.val_samples must be positive"),
         (t.keep_checkpoints > 0, "training.keep_checkpoints must be positive"),
@@ -362,11 +375,10 @@ def load_config(path: str | None, set_options: Sequence[str] = ()) -> Config:
 
 
 def model_config(config: Config, vocab_size: int) -> ModelConfig:
-    section, data = config.model, config.data
+    section = config.model
     return ModelConfig(
-        vocab_size=vocab_size, patch_size=section.patch_size, max_seq_len=section.max_seq_len,
-        max_rows=max(data.bucket_heights) // section.patch_size,
-        max_cols=max(data.bucket_widths) // section.patch_size,
+        vocab_size=vocab_size, cell_height=section.cell_height, cell_width=section.cell_width,
+        max_seq_len=section.max_seq_len,
         dropout=section.dropout, dtype="bfloat16" if config.training.bf16 else "float32",
         **MODEL_SIZES[section.size])
 
@@ -1025,11 +1037,13 @@ def excluded_formulas(paths: Sequence[str]) -> set[str]:
 
 
 def combine_splits(sources: Sequence[tuple[str, Path]], excluded: set[str], holdout: int, holdout_from: str,
-                   seed: int) -> tuple[dict, dict, dict]:
+                   seed: int, max_tokens: int = 0) -> tuple[dict, dict, dict]:
     """One train split from several (each with its image folder; image paths made absolute and
     names prefixed `<source number>-`), without the excluded formulas. With `holdout`, that many
     distinct formulas of the `holdout_from` source become the validate split, and every other
     entry of those formulas leaves the train split, so no validation formula is trained on.
+    max_tokens > 0 then keeps only training captions of at most that many tokens (the same
+    validate split as without it, for a curriculum that starts on short formulas).
     Returns train, validate and the counts by reason."""
     pooled, counts = [], collections.Counter()
     for number, (path, images) in enumerate(sources, 1):
@@ -1051,7 +1065,9 @@ def combine_splits(sources: Sequence[tuple[str, Path]], excluded: set[str], hold
     train, validate, validated = {}, {}, set()
     for path, name, entry in pooled:
         key = entry["caption"]
-        if key not in held:
+        if key not in held and 0 < max_tokens < entry["caption_len"]:
+            counts[f"training caption over {max_tokens} tokens"] += 1
+        elif key not in held:
             train[name] = entry
         elif path == holdout_from and key not in validated:
             validate[name] = entry
@@ -1290,22 +1306,51 @@ class EncoderBlock(nn.Module):
         return x + nn.Dropout(self.cfg.dropout)(h, deterministic=deterministic)
 
 
+def grid_positions(rows: int, cols: int, dim: int) -> jax.Array:
+    """[rows, cols, dim] fixed 2-D position code: sines and cosines of the row at geometric
+    frequencies in the first half of the channels, of the column in the second (as DETR)."""
+    frequencies = 1.0 / 10000 ** (jnp.arange(dim // 4) / (dim // 4))
+
+    def code(n: int) -> jax.Array:
+        angles = jnp.arange(n)[:, None] * frequencies[None]
+        return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], -1)
+
+    return jnp.concatenate([jnp.broadcast_to(code(rows)[:, None], (rows, cols, dim // 2)),
+                            jnp.broadcast_to(code(cols)[None], (rows, cols, dim // 2))], -1)
+
+
+class ConvStem(nn.Module):
+    """One vector per cell from 3x3 convolutions of stride 2 (stride 1 across once the cell width
+    is reached), channels doubling up to dim, each group-normalised: glyphs are a few pixels
+    wide, and early convolutions make transformers on images train more steadily (Xiao et al.
+    2021, "Early convolutions help transformers see better")."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        stages, across = cfg.cell_height.bit_length() - 1, cfg.cell_width.bit_length() - 1
+        x = images.astype(cfg.dtype)
+        for i in range(stages):
+            x = nn.Conv(max(cfg.dim >> (stages - 1 - i), 16), (3, 3), strides=(2, 2 if i < across else 1),
+                        padding="SAME", kernel_init=nn.initializers.he_normal(), dtype=cfg.dtype, name=f"conv_{i}")(x)
+            x = nn.gelu(nn.GroupNorm(num_groups=8, dtype=cfg.dtype, name=f"norm_{i}")(x))
+        return nn.Dense(cfg.dim, dtype=cfg.dtype, name="project")(x)
+
+
 class Encoder(nn.Module):
-    """ViT: patch embedding, learned row + column position embedding, pre-LN blocks."""
+    """Convolutional stem, fixed 2-D position code, pre-LN transformer blocks: [B, rows * cols, D],
+    row by row."""
 
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, images: jax.Array, deterministic: bool) -> jax.Array:
         cfg = self.cfg
-        p = cfg.patch_size
-        x = nn.Conv(cfg.dim, (p, p), strides=(p, p), padding="VALID", dtype=cfg.dtype,
-                    name="patch_embed")(images.astype(cfg.dtype))  # [B, rows, cols, D]
+        x = ConvStem(cfg, name="stem")(images)  # [B, rows, cols, D]
         rows, cols = x.shape[1], x.shape[2]
-        init = nn.initializers.normal(0.02)
-        row_embed = self.param("row_embed", init, (cfg.max_rows, cfg.dim))
-        col_embed = self.param("col_embed", init, (cfg.max_cols, cfg.dim))
-        x = x + (row_embed[:rows, None, :] + col_embed[None, :cols, :]).astype(cfg.dtype)
+        x = x + grid_positions(rows, cols, cfg.dim).astype(cfg.dtype)
         x = x.reshape(x.shape[0], rows * cols, cfg.dim)
         x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
         for i in range(cfg.encoder_layers):
@@ -1351,6 +1396,7 @@ class LatexOCR(nn.Module):
         self.blocks = [DecoderBlock(cfg) for _ in range(cfg.decoder_layers)]
         self.norm = nn.LayerNorm(dtype=cfg.dtype)
         self.head = nn.Dense(cfg.vocab_size, dtype=cfg.dtype)
+        self.ctc_head = nn.Dense(cfg.vocab_size, dtype=cfg.dtype)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def __call__(self, images: jax.Array, tokens: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -1360,6 +1406,15 @@ class LatexOCR(nn.Module):
 
     def encode(self, images: jax.Array, deterministic: bool = True) -> jax.Array:
         return self.encoder(images, deterministic)
+
+    def logits_and_ctc_logits(self, images: jax.Array, tokens: jax.Array, deterministic: bool = True):
+        """Teacher-forced logits [B, L, vocab], and per image cell the CTC head's logits
+        [B, cells, vocab] with the cells in reading order: column by column, top to bottom in each."""
+        memory = self.encode(images, deterministic)
+        rows, cols = images.shape[1] // self.cfg.cell_height, images.shape[2] // self.cfg.cell_width
+        columns = memory.reshape(memory.shape[0], rows, cols, -1).transpose(0, 2, 1, 3).reshape(memory.shape)
+        logits = self.decode(tokens, self.cross_keys_values(memory), deterministic)
+        return logits, self.ctc_head(columns).astype(jnp.float32)
 
     def cross_keys_values(self, memory: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
         """Per decoder layer, the image's keys and values: computed once per decoded image."""
@@ -1459,8 +1514,9 @@ def cosine_similarity(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def init_params(model: LatexOCR, seed: int) -> Any:
-    data_shape = (1, model.cfg.patch_size, model.cfg.patch_size, 1)
-    return model.init(jax.random.PRNGKey(seed), jnp.zeros(data_shape), jnp.zeros((1, 2), jnp.int32))["params"]
+    data_shape = (1, model.cfg.cell_height, model.cfg.cell_width, 1)
+    return model.init(jax.random.PRNGKey(seed), jnp.zeros(data_shape), jnp.zeros((1, 2), jnp.int32),
+                      method=LatexOCR.logits_and_ctc_logits)["params"]
 
 
 def count_params(params: Any) -> int:
@@ -1727,12 +1783,12 @@ class Predictor:
 
 def cross_attention_maps(model: LatexOCR, params: Any, images: jax.Array, tokens: jax.Array, layer: int) -> jax.Array:
     """Teacher-forced over token rows [B, L] (<SOS> first): for the token predicted at each of
-    the L - 1 positions, decoder layer `layer`'s cross-attention over the image patches,
-    averaged over heads, as [B, L - 1, patch rows, patch cols]."""
+    the L - 1 positions, decoder layer `layer`'s cross-attention over the image cells,
+    averaged over heads, as [B, L - 1, cell rows, cell cols]."""
     _, state = model.apply({"params": params}, images, tokens[:, :-1], mutable=["intermediates"])
-    weights = state["intermediates"][f"blocks_{layer}"]["cross_attention"]["weights"][0]  # [B, H, L-1, patches]
-    patch = model.cfg.patch_size
-    return weights.mean(1).reshape(*weights.shape[:1], weights.shape[2], images.shape[1] // patch, images.shape[2] // patch)
+    weights = state["intermediates"][f"blocks_{layer}"]["cross_attention"]["weights"][0]  # [B, H, L-1, cells]
+    rows, cols = images.shape[1] // model.cfg.cell_height, images.shape[2] // model.cfg.cell_width
+    return weights.mean(1).reshape(*weights.shape[:1], weights.shape[2], rows, cols)
 
 
 def attention_picture(canvas: np.ndarray, tokens: Sequence[str], maps: np.ndarray, max_width: int = 1600) -> Image.Image:
@@ -1891,12 +1947,34 @@ def image_reliance(logits_fn, params: Any, dataset: Dataset, rows: int) -> dict[
     return {"val_loss": own, "image_gain": loss(jnp.roll(images, 1, axis=0)) - own}
 
 
-def make_train_step(model: LatexOCR, optimizer: optax.GradientTransformation, label_smoothing: float):
-    """The cross-entropy step of the OCR model."""
+def ctc_loss(ctc_logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """CTC loss (nats per target token) of the caption tokens `targets` [B, L] (<EOS> and <PAD>
+    left out) read off the image cells [B, cells, vocab], <PAD> as CTC's blank; and the fraction of
+    rows it counts. A caption needs a cell per token plus one per repeated token, so a row whose
+    image has too few cells is left out rather than scored infinite.
+
+    Why: trained by cross-entropy alone, the decoder learned LaTeX as a language model and the
+    image memory became the same vector at every cell (cross-attention spread evenly gives every
+    cell the same gradient); this loss makes each cell say which tokens it shows."""
+    padding = ((targets == PAD_ID) | (targets == EOS_ID)).astype(jnp.float32)
+    lengths = (1 - padding).sum(-1)
+    repeats = ((targets[:, 1:] == targets[:, :-1]) & (padding[:, 1:] == 0)).sum(-1)
+    feasible = (lengths + repeats <= ctc_logits.shape[1]).astype(jnp.float32)
+    losses = optax.ctc_loss(ctc_logits, jnp.zeros(ctc_logits.shape[:2]), targets, padding, blank_id=PAD_ID)
+    return (losses * feasible).sum() / jnp.maximum((lengths * feasible).sum(), 1.0), feasible.mean()
+
+
+def make_train_step(model: LatexOCR, optimizer: optax.GradientTransformation, label_smoothing: float,
+                    ctc_weight: float):
+    """The OCR model's step: cross-entropy of the decoder + ctc_weight * CTC of the image memory."""
 
     def loss_and_metrics(params, batch, key):
-        loss, count = ocr_cross_entropy(model, params, batch, key, label_smoothing)
-        return loss, {"tokens": count}
+        tokens = batch["tokens"]
+        logits, ctc_logits = model.apply({"params": params}, batch["images"], tokens[:, :-1], deterministic=False,
+                                         rngs={"dropout": key}, method=LatexOCR.logits_and_ctc_logits)
+        ce, count = cross_entropy(logits, tokens[:, 1:], label_smoothing)
+        ctc, ctc_rows = ctc_loss(ctc_logits, tokens[:, 1:])
+        return ce + ctc_weight * ctc, {"tokens": count, "ce": ce, "ctc": ctc, "ctc_rows": ctc_rows}
 
     return make_step(loss_and_metrics, optimizer)
 
@@ -2532,7 +2610,7 @@ def stage_two_step(model: LatexOCR, config: Config, vocab: Vocabulary):
     CE + REINFORCE, loading the frozen feature extractor first when the reward uses it."""
     rl, training = config.rl, config.training
     if rl.lambda_rl == 0:
-        return lambda optimizer: make_train_step(model, optimizer, training.label_smoothing)
+        return lambda optimizer: make_train_step(model, optimizer, training.label_smoothing, training.ctc_weight)
     extractor = None
     if rl.extractor_weight > 0:
         extractor = frozen_extractor(config.feature_extractor, model.cfg, vocab)
@@ -3034,8 +3112,10 @@ def command_combine(args, config: Config) -> int:
     out = Path(args.out)
     if (out / "train.json").exists():
         raise UserError(f"{out / 'train.json'} exists; choose another output folder")
+    if args.max_tokens < 0:
+        raise UserError("--max-tokens must be >= 0 (0 keeps every length)")
     train, validate, counts = combine_splits(sources, excluded_formulas(args.exclude), args.holdout,
-                                             args.holdout_from or "", args.seed)
+                                             args.holdout_from or "", args.seed, args.max_tokens)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "train.json", train)
     if args.holdout:
@@ -3257,6 +3337,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--holdout", type=int, default=0, help="distinct formulas to hold out for validation")
     sub.add_argument("--holdout-from", help="the --add split file whose images validate (real images, say)")
     sub.add_argument("--seed", type=int, default=0, help="which formulas are held out (default 0)")
+    sub.add_argument("--max-tokens", type=int, default=0,
+                     help="keep only training captions of at most N tokens (validate.json is unchanged)")
     sub.set_defaults(run=command_combine)
 
     sub = add("vocab", "build vocab.json from a train split")
