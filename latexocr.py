@@ -212,6 +212,10 @@ class ModelConfig:
     dropout: float = 0.0
     dtype: str = "float32"
 
+    def cell_grid(self, image_shape: Sequence[int]) -> tuple[int, int]:
+        """Rows and columns of encoder cells for images [B, H, W, ...]."""
+        return image_shape[1] // self.cell_height, image_shape[2] // self.cell_width
+
 
 @dataclasses.dataclass(frozen=True)
 class ExtractorConfig:
@@ -1411,7 +1415,7 @@ class LatexOCR(nn.Module):
         """Teacher-forced logits [B, L, vocab], and per image cell the CTC head's logits
         [B, cells, vocab] with the cells in reading order: column by column, top to bottom in each."""
         memory = self.encode(images, deterministic)
-        rows, cols = images.shape[1] // self.cfg.cell_height, images.shape[2] // self.cfg.cell_width
+        rows, cols = self.cfg.cell_grid(images.shape)
         columns = memory.reshape(memory.shape[0], rows, cols, -1).transpose(0, 2, 1, 3).reshape(memory.shape)
         logits = self.decode(tokens, self.cross_keys_values(memory), deterministic)
         return logits, self.ctc_head(columns).astype(jnp.float32)
@@ -1787,7 +1791,7 @@ def cross_attention_maps(model: LatexOCR, params: Any, images: jax.Array, tokens
     averaged over heads, as [B, L - 1, cell rows, cell cols]."""
     _, state = model.apply({"params": params}, images, tokens[:, :-1], mutable=["intermediates"])
     weights = state["intermediates"][f"blocks_{layer}"]["cross_attention"]["weights"][0]  # [B, H, L-1, cells]
-    rows, cols = images.shape[1] // model.cfg.cell_height, images.shape[2] // model.cfg.cell_width
+    rows, cols = model.cfg.cell_grid(images.shape)
     return weights.mean(1).reshape(*weights.shape[:1], weights.shape[2], rows, cols)
 
 
@@ -1966,12 +1970,17 @@ def ctc_loss(ctc_logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.
 
 def make_train_step(model: LatexOCR, optimizer: optax.GradientTransformation, label_smoothing: float,
                     ctc_weight: float):
-    """The OCR model's step: cross-entropy of the decoder + ctc_weight * CTC of the image memory."""
+    """The OCR model's step: cross-entropy of the decoder + ctc_weight * CTC of the image memory
+    (not computed at all when ctc_weight is 0)."""
 
     def loss_and_metrics(params, batch, key):
         tokens = batch["tokens"]
-        logits, ctc_logits = model.apply({"params": params}, batch["images"], tokens[:, :-1], deterministic=False,
-                                         rngs={"dropout": key}, method=LatexOCR.logits_and_ctc_logits)
+        apply = functools.partial(model.apply, {"params": params}, batch["images"], tokens[:, :-1],
+                                  deterministic=False, rngs={"dropout": key})
+        if not ctc_weight:
+            ce, count = cross_entropy(apply(), tokens[:, 1:], label_smoothing)
+            return ce, {"tokens": count, "ce": ce}
+        logits, ctc_logits = apply(method=LatexOCR.logits_and_ctc_logits)
         ce, count = cross_entropy(logits, tokens[:, 1:], label_smoothing)
         ctc, ctc_rows = ctc_loss(ctc_logits, tokens[:, 1:])
         return ce + ctc_weight * ctc, {"tokens": count, "ce": ce, "ctc": ctc, "ctc_rows": ctc_rows}
@@ -2214,9 +2223,18 @@ def model_config_from_metadata(metadata: dict, where: Path, kind: type = ModelCo
         names = {"ocr": "OCR model", "feature_extractor": "feature extractor"}
         raise UserError(f"checkpoint {where} holds the weights of the {names.get(saved_kind, saved_kind)}, "
                         f"not of the {names[CHECKPOINT_KINDS[kind]]} needed here")
+    saved = metadata.get("model")
+    if not isinstance(saved, dict):
+        raise UserError(f"checkpoint {where} has a malformed model config: no 'model' mapping in its metadata")
+    fields = {field.name for field in dataclasses.fields(kind)}
+    if set(saved) - fields:
+        # An earlier encoder design (a patch embedding, model.patch_size) left keys this one lacks.
+        raise UserError(f"checkpoint {where} was saved for another network design (unknown model settings: "
+                        f"{', '.join(sorted(set(saved) - fields))}) and cannot be loaded; train it again with "
+                        "this version, or use the shipped default model")
     try:
-        return kind(**{**metadata["model"], "dtype": "float32"})
-    except (KeyError, TypeError) as error:
+        return kind(**{**saved, "dtype": "float32"})
+    except TypeError as error:
         raise UserError(f"checkpoint {where} has a malformed model config: {error}") from None
 
 
@@ -2291,7 +2309,7 @@ def restore_model(path: str, kind: type) -> tuple[Any, Any, dict]:
     directory = find_checkpoint_dir(path)
     step = checkpoint_steps(directory)[-1]
     metadata = read_metadata(directory, step)
-    model = module(model_config_from_metadata(metadata, directory, kind))
+    model = module(model_config_from_metadata(metadata, directory / str(step), kind))
     target = abstract(jax.eval_shape(lambda: init(model, 0)))
     return model, restore_items(directory, step, {"params": target})["params"], metadata
 

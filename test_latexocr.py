@@ -537,6 +537,20 @@ def test_ctc_loss_hand_worked():
     assert float(rows) == 0.5
 
 
+def test_train_step_adds_weighted_ctc_and_skips_it_at_weight_zero(tiny_model):
+    model, params = tiny_model
+    optimizer = L.make_optimizer(L.TrainingConfig(warmup_steps=0, total_steps=10))
+    batch = {"images": np.ones((2, 32, 128, 1), np.float32),
+             "tokens": L.token_array([np.array([7, 8, 9]), np.array([10])], 6)}
+    copy = lambda tree: jax.tree.map(jnp.array, tree)  # noqa: E731  (steps donate their inputs)
+    metrics = {weight: L.make_train_step(model, optimizer, 0.0, weight)(
+        copy(params), optimizer.init(params), batch, jax.random.PRNGKey(0))[2] for weight in (0.0, 0.5)}
+    assert "ctc" not in metrics[0.0] and float(metrics[0.0]["loss"]) == pytest.approx(float(metrics[0.0]["ce"]))
+    assert float(metrics[0.5]["ce"]) == pytest.approx(float(metrics[0.0]["ce"]), rel=1e-5)
+    assert float(metrics[0.5]["loss"]) == pytest.approx(float(metrics[0.5]["ce"]) + 0.5 * float(metrics[0.5]["ctc"]),
+                                                        rel=1e-5)
+
+
 def test_encoder_gives_one_vector_per_cell(tiny_model):
     model, params = tiny_model
     images = jnp.zeros((1, 32, 128, 1))
@@ -1521,6 +1535,7 @@ def test_damaged_or_tampered_checkpoints_are_refused_in_one_line(overfit_run, tm
         largest.write_bytes(largest.read_bytes()[:100])
 
     assert "is stored with shape" in damaged(lambda w: edit_metadata(w, model={"dim": 32}))
+    assert "another network design (unknown model settings: patch_size)" in damaged(lambda w: edit_metadata(w, model={"patch_size": 8}))
     assert "do not match the checksum saved with them" in damaged(lambda w: edit_metadata(w, params_sha256="0" * 64))
     assert "is damaged or incomplete" in damaged(truncate_largest_data_file)
     assert "no readable metadata" in damaged(lambda w: (w / "meta" / "metadata").write_text("{broken"))
