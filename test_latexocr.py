@@ -96,6 +96,7 @@ def test_set_overrides_are_typed():
     ("model.cell_height=12", "model.cell_height and model.cell_width must be powers of two"),
     ("model.cell_width=32", "cell_width <= cell_height"),
     ("training.ctc_weight=-1", "training.ctc_weight must be >= 0"),
+    ("data.glyph_height=-1", "data.glyph_height must be >= 0"),
     ("data.bucket_heights=[]", "data.bucket_heights must not be empty"),
     ("training.lr=inf", "config key training.lr: 'inf' is not a valid float"),
     ("training.lr=nan", "config key training.lr: 'nan' is not a valid float"),
@@ -190,7 +191,7 @@ def test_ink_crop_finds_the_formula():
 
 
 def test_preprocess_keeps_aspect_and_uses_a_bucket():
-    data = L.DataConfig()
+    data = L.DataConfig(glyph_height=0)  # a 30 px block would otherwise be read as one large glyph
     canvas = L.preprocess_image(formula_like(box=(0, 0, 299, 29), width=400), data)
     assert canvas.shape == (64, 512)
     assert canvas.shape[0] % 16 == 0 and canvas.shape[1] % 16 == 0
@@ -199,7 +200,7 @@ def test_preprocess_keeps_aspect_and_uses_a_bucket():
 
 
 def test_wide_formula_is_shrunk_not_squashed():
-    data = L.DataConfig()
+    data = L.DataConfig(glyph_height=0)
     canvas = L.preprocess_image(formula_like(width=2000, height=100, box=(0, 0, 1519, 39)), data)
     rows, cols = np.nonzero(canvas > 0.5)
     height, width = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
@@ -211,6 +212,33 @@ def test_tiny_formula_is_scaled_up_to_min_height():
     data = L.DataConfig()
     ink = L.scale_into_range(L.ink_crop(formula_like(box=(10, 10, 69, 15))), data)
     assert ink.shape == (data.min_ink_height, 120)
+
+
+def test_glyph_height_follows_the_glyphs_not_the_formula():
+    image = Image.new("L", (200, 60), 255)
+    draw = ImageDraw.Draw(image)
+    for left in range(20, 120, 12):
+        draw.rectangle((left, 25, left + 6, 33), fill=0)  # 9 px tall "glyphs"
+    draw.rectangle((8, 5, 10, 54), fill=0)  # a tall bracket
+    assert L.glyph_height(L.ink_crop(image)) == 9.0
+
+
+@pytest.mark.parametrize("scale", [1.5, 2.0])
+def test_a_larger_formula_is_brought_to_the_usual_glyph_size(scale):
+    with Image.open(DATA / "images" / "159bf72783.png") as image:
+        image.load()
+    resized = image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)
+    usual = L.scale_into_range(L.ink_crop(image), L.DataConfig())
+    brought = L.scale_into_range(L.ink_crop(resized), L.DataConfig())
+    left_alone = L.scale_into_range(L.ink_crop(resized), L.DataConfig(glyph_height=0))
+    assert abs(brought.shape[0] / usual.shape[0] - 1) < 0.3, (brought.shape, usual.shape)
+    assert abs(left_alone.shape[0] / usual.shape[0] - 1) > 0.3, (left_alone.shape, usual.shape)
+
+
+def test_a_smaller_formula_keeps_its_size():
+    with Image.open(DATA / "images" / "159bf72783.png") as image:
+        small = L.ink_crop(image.resize((round(image.width * 0.75), round(image.height * 0.75)), Image.BICUBIC))
+    np.testing.assert_array_equal(L.scale_into_range(small, L.DataConfig()), small)
 
 
 def test_transparent_and_inverted_images_match_the_plain_one():
