@@ -2003,13 +2003,12 @@ def make_train_step(model: LatexOCR, optimizer: optax.GradientTransformation, la
     (not computed at all when ctc_weight is 0)."""
 
     def loss_and_metrics(params, batch, key):
-        tokens = batch["tokens"]
-        apply = functools.partial(model.apply, {"params": params}, batch["images"], tokens[:, :-1],
-                                  deterministic=False, rngs={"dropout": key})
         if not ctc_weight:
-            ce, count = cross_entropy(apply(), tokens[:, 1:], label_smoothing)
+            ce, count = ocr_cross_entropy(model, params, batch, key, label_smoothing)
             return ce, {"tokens": count, "ce": ce}
-        logits, ctc_logits = apply(method=LatexOCR.logits_and_ctc_logits)
+        tokens = batch["tokens"]
+        logits, ctc_logits = model.apply({"params": params}, batch["images"], tokens[:, :-1], deterministic=False,
+                                         rngs={"dropout": key}, method=LatexOCR.logits_and_ctc_logits)
         ce, count = cross_entropy(logits, tokens[:, 1:], label_smoothing)
         ctc, ctc_rows = ctc_loss(ctc_logits, tokens[:, 1:])
         return ce + ctc_weight * ctc, {"tokens": count, "ce": ce, "ctc": ctc, "ctc_rows": ctc_rows}
