@@ -58,6 +58,7 @@ SPECIAL_TOKENS = (PAD, SOS, EOS, UNK, CLS, SEP, MASK)
 PAD_ID, SOS_ID, EOS_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(7)
 SPLITS = ("train", "validate", "test")
 MAX_IMAGE_PIXELS = 50_000_000
+MAX_IMAGE_SCALE = 8.0
 
 
 class UserError(Exception):
@@ -540,6 +541,17 @@ def open_image(path: str | Path) -> Image.Image:
     return decode_image(path, str(path))
 
 
+def rescale_image(image: Image.Image, factor: float) -> Image.Image:
+    """The image resized by factor (Pillow bicubic, as a screenshot at another zoom would be), for
+    measuring how answers change with image size."""
+    if factor == 1.0:
+        return image
+    if image.mode not in ("L", "RGB", "RGBA", "I", "F"):
+        image = image.convert("RGBA")
+    size = (max(1, round(image.width * factor)), max(1, round(image.height * factor)))
+    return image.resize(size, Image.BICUBIC)
+
+
 def ink_crop(image: Image.Image, name: str = "image") -> np.ndarray:
     """Ink intensity (0 = paper, 255 = ink) cropped to the ink, as uint8 [height, width].
 
@@ -773,10 +785,11 @@ class Dataset:
     """Examples with their ink crops held in memory (decoded once), grouped into fixed shapes."""
 
     def __init__(self, examples: list[Example], data: DataConfig, report: SplitReport | None = None,
-                 workers: int = 2):
+                 workers: int = 2, image_scale: float = 1.0):
         """An image that cannot be read (corrupt, blank) is skipped and counted in `report`;
-        without a report it is an error."""
+        without a report it is an error. Each image is first resized by image_scale."""
         self.data = data
+        self.image_scale = image_scale
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             inks = list(pool.map(self._load_ink, examples))
         failed = [(example, ink) for example, ink in zip(examples, inks) if isinstance(ink, UserError)]
@@ -793,7 +806,8 @@ class Dataset:
 
     def _load_ink(self, example: Example) -> np.ndarray | UserError:
         try:
-            return scale_into_range(ink_crop(open_image(example.image_path), example.name), self.data)
+            image = rescale_image(open_image(example.image_path), self.image_scale)
+            return scale_into_range(ink_crop(image, example.name), self.data)
         except UserError as error:
             return error
 
@@ -3231,14 +3245,28 @@ def command_pretrain(args, config: Config) -> int:
     return finish_training(pretrain(config, resume=args.resume, progress=not args.quiet))
 
 
+def sample_examples(examples: list[Example], count: int, seed: int) -> list[Example]:
+    """count examples drawn at random (the same ones for the same seed and split), in split order."""
+    if count < 1:
+        raise UserError(f"--sample must be at least 1, got {count}")
+    if count >= len(examples):
+        return examples
+    chosen = np.random.default_rng(seed).choice(len(examples), count, replace=False)
+    return [examples[i] for i in sorted(chosen)]
+
+
 def command_eval(args, config: Config) -> int:
+    if not 0 < args.image_scale <= MAX_IMAGE_SCALE:
+        raise UserError(f"--image-scale must be in (0, {MAX_IMAGE_SCALE:g}], got {args.image_scale:g}")
     evaluation = config.evaluation
     predictor = load_predictor(args.checkpoint or evaluation.checkpoint_path, evaluation.length_penalty)
     split_path = getattr(config.data, f"{evaluation.split}_split")
     # Split paths come from the config; image preprocessing from the checkpoint it was trained with.
     paths = dataclasses.replace(predictor.data, image_base_dir=config.data.image_base_dir)
     examples, report = load_split(split_path, paths, predictor.vocab)
-    dataset = Dataset(examples, predictor.data, report)
+    if args.sample is not None:
+        examples = sample_examples(examples, args.sample, args.seed)
+    dataset = Dataset(examples, predictor.data, report, image_scale=args.image_scale)
     print(report.summary(), file=sys.stderr)
     if not len(dataset):
         raise UserError(f"no usable examples in {split_path}")
@@ -3247,7 +3275,10 @@ def command_eval(args, config: Config) -> int:
                                            progress=not args.quiet)
     seconds = time.perf_counter() - start
     table = format_metrics(metrics)
-    header = f"{split_path}: {len(dataset)} images, {evaluation.describe_decoding()}, {seconds:.1f} s"
+    chosen = f" (sample of {args.sample}, seed {args.seed})" if args.sample is not None else ""
+    scaled = f", images scaled x{args.image_scale:g}" if args.image_scale != 1.0 else ""
+    header = (f"{split_path}: {len(dataset)} images{chosen}{scaled}, {evaluation.describe_decoding()}, "
+              f"{seconds:.1f} s")
     print(header + "\n" + table)
     out = Path(evaluation.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -3426,6 +3457,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = add("eval", "evaluate a checkpoint on a split: BLEU-4, edit distance, exact match, token accuracy")
     sub.add_argument("--checkpoint", help="run or checkpoint directory (default: evaluation.checkpoint_path)")
     sub.add_argument("--quiet", action="store_true", help="no progress bar")
+    sub.add_argument("--sample", type=int, metavar="N", help="evaluate N images of the split drawn at random")
+    sub.add_argument("--seed", type=int, default=0, help="which images --sample draws (default 0)")
+    sub.add_argument("--image-scale", type=float, default=1.0, metavar="X",
+                     help="resize every image by X first (Pillow bicubic), to measure robustness to image size")
     sub.set_defaults(run=command_eval)
 
     sub = add("predict", "print the LaTeX of each image")

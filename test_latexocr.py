@@ -223,11 +223,20 @@ def test_glyph_height_follows_the_glyphs_not_the_formula():
     assert L.glyph_height(L.ink_crop(image)) == 9.0
 
 
+def test_rescale_image_resizes_any_mode_by_the_factor():
+    image = formula_like(box=(40, 20, 199, 49))
+    assert L.rescale_image(image, 1.0) is image
+    half = L.rescale_image(image, 0.5)
+    height, width = L.ink_crop(half).shape
+    assert half.size == (150, 40) and abs(height - 15) <= 1 and abs(width - 80) <= 1
+    assert L.rescale_image(image.convert("P"), 2.0).size == (600, 160)
+
+
 @pytest.mark.parametrize("scale", [1.5, 2.0])
 def test_a_larger_formula_is_brought_to_the_usual_glyph_size(scale):
     with Image.open(DATA / "images" / "159bf72783.png") as image:
         image.load()
-    resized = image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)
+    resized = L.rescale_image(image, scale)
     usual = L.scale_into_range(L.ink_crop(image), L.DataConfig())
     brought = L.scale_into_range(L.ink_crop(resized), L.DataConfig())
     left_alone = L.scale_into_range(L.ink_crop(resized), L.DataConfig(glyph_height=0))
@@ -237,7 +246,7 @@ def test_a_larger_formula_is_brought_to_the_usual_glyph_size(scale):
 
 def test_a_smaller_formula_keeps_its_size():
     with Image.open(DATA / "images" / "159bf72783.png") as image:
-        small = L.ink_crop(image.resize((round(image.width * 0.75), round(image.height * 0.75)), Image.BICUBIC))
+        small = L.ink_crop(L.rescale_image(image, 0.75))
     np.testing.assert_array_equal(L.scale_into_range(small, L.DataConfig()), small)
 
 
@@ -833,6 +842,21 @@ def test_cli_train_eval_predict(overfit_run, eight_examples, tmp_path, capsys, v
     assert code == 0 and json.loads(out.splitlines()[-1])["step"] == 2
 
 
+def test_cli_eval_of_a_sample_at_another_image_scale(overfit_run, eight_examples, tmp_path, capsys):
+    run_dir, _ = overfit_run
+    names = {}
+    for scale in ("1", "0.5"):
+        code, out, _ = run_main(["eval", "--checkpoint", run_dir, "--quiet", "--sample", 3, "--seed", 4,
+                                 "--image-scale", scale, "--set", f"data.test_split={eight_examples}",
+                                 "--set", f"evaluation.output_dir={tmp_path / scale}"], capsys)
+        assert code == 0 and "3 images (sample of 3, seed 4)" in out
+        saved = json.loads((tmp_path / scale / "predictions.json").read_text())
+        names[scale] = [p["name"] for p in saved["predictions"]]
+    assert "images scaled x0.5" in out
+    assert names["1"] == names["0.5"] and set(names["1"]) < set(json.loads(eight_examples.read_text()))
+    assert saved["metrics"]["exact_match"] < 100.0  # memorised at their own size, not at half of it
+
+
 def test_cli_beam_search_predicts_and_evaluates(overfit_run, eight_examples, tmp_path, capsys):
     run_dir, _ = overfit_run
     entries = list(json.loads(eight_examples.read_text()).values())
@@ -1329,6 +1353,8 @@ def bad_files(tmp_path_factory):
     (["predict", "{data}/images/1015942522.png", "--checkpoint", "{bad}"], "no checkpoint steps"),
     (["predict", "{data}/images/1015942522.png", "--beam", "0"], "evaluation.beam_width must be at least 1"),
     (["eval", "--set", "evaluation.generation_method=sample"], "generation_method must be 'greedy' or 'beam'"),
+    (["eval", "--image-scale", "0"], "--image-scale must be in (0, 8]"),
+    (["eval", "--checkpoint", "{run}", "--sample", "0"], "--sample must be at least 1"),
     (["train", "--config", "{bad}/missing.yaml"], "config file not found"),
     (["train", "--config", "{bad}/unknown_key.yaml"], "unknown config key 'training.learning_rate'"),
     (["train", "--set", "training.batch_size=0"], "training.batch_size must be positive"),
