@@ -3247,8 +3247,6 @@ def command_pretrain(args, config: Config) -> int:
 
 def sample_examples(examples: list[Example], count: int, seed: int) -> list[Example]:
     """count examples drawn at random (the same ones for the same seed and split), in split order."""
-    if count < 1:
-        raise UserError(f"--sample must be at least 1, got {count}")
     if count >= len(examples):
         return examples
     chosen = np.random.default_rng(seed).choice(len(examples), count, replace=False)
@@ -3258,6 +3256,8 @@ def sample_examples(examples: list[Example], count: int, seed: int) -> list[Exam
 def command_eval(args, config: Config) -> int:
     if not 0 < args.image_scale <= MAX_IMAGE_SCALE:
         raise UserError(f"--image-scale must be in (0, {MAX_IMAGE_SCALE:g}], got {args.image_scale:g}")
+    if args.sample is not None and args.sample < 1:
+        raise UserError(f"--sample must be at least 1, got {args.sample}")
     evaluation = config.evaluation
     predictor = load_predictor(args.checkpoint or evaluation.checkpoint_path, evaluation.length_penalty)
     split_path = getattr(config.data, f"{evaluation.split}_split")
