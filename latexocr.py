@@ -692,11 +692,13 @@ class Example:
 class SplitReport:
     path: str
     loaded: int = 0
+    sampled_from: int = 0
     skipped: dict[str, list[str]] = dataclasses.field(default_factory=lambda: collections.defaultdict(list))
     unknown_tokens: int = 0
 
     def summary(self) -> str:
-        parts = [f"{self.path}: {self.loaded} examples"]
+        parts = [f"{self.path}: {self.loaded} examples"
+                 + (f" (a sample of the {self.sampled_from} loaded)" if self.sampled_from else "")]
         for reason, names in self.skipped.items():
             shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
             parts.append(f"skipped {len(names)} ({reason}: {shown})")
@@ -3266,6 +3268,7 @@ def command_eval(args, config: Config) -> int:
     examples, report = load_split(split_path, paths, predictor.vocab)
     if args.sample is not None:
         examples = sample_examples(examples, args.sample, args.seed)
+        report.sampled_from, report.loaded = report.loaded, len(examples)
     dataset = Dataset(examples, predictor.data, report, image_scale=args.image_scale)
     print(report.summary(), file=sys.stderr)
     if not len(dataset):

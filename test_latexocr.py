@@ -846,10 +846,11 @@ def test_cli_eval_of_a_sample_at_another_image_scale(overfit_run, eight_examples
     run_dir, _ = overfit_run
     names = {}
     for scale in ("1", "0.5"):
-        code, out, _ = run_main(["eval", "--checkpoint", run_dir, "--quiet", "--sample", 3, "--seed", 4,
-                                 "--image-scale", scale, "--set", f"data.test_split={eight_examples}",
-                                 "--set", f"evaluation.output_dir={tmp_path / scale}"], capsys)
+        code, out, err = run_main(["eval", "--checkpoint", run_dir, "--quiet", "--sample", 3, "--seed", 4,
+                                   "--image-scale", scale, "--set", f"data.test_split={eight_examples}",
+                                   "--set", f"evaluation.output_dir={tmp_path / scale}"], capsys)
         assert code == 0 and "3 images (sample of 3, seed 4)" in out
+        assert "3 examples (a sample of the 8 loaded)" in err
         saved = json.loads((tmp_path / scale / "predictions.json").read_text())
         names[scale] = [p["name"] for p in saved["predictions"]]
     assert "images scaled x0.5" in out
