@@ -888,10 +888,14 @@ def test_cli_bench_reports_every_measure(overfit_run, eight_examples, capsys):
 
 
 def test_predict_uses_the_shipped_default_model(capsys):
-    code, out, err = run_main(["predict", DATA / "images" / "1015942522.png", "--json"], capsys)
+    """The README's first command: the shipped model reads these two sample test images exactly."""
+    captions = {entry["img_path"]: entry["caption"] for entry in json.loads((DATA / "test.json").read_text()).values()}
+    names = ["6596750444.png", "25765b9391.png"]
+    code, out, err = run_main(["predict", *(DATA / "images" / name for name in names), "--json"], capsys)
     assert code == 0, err
-    prediction = json.loads(out)["predictions"][0]
-    assert prediction["tokens"] and prediction["latex"] == " ".join(prediction["tokens"])
+    predictions = json.loads(out)["predictions"]
+    assert [p["latex"] for p in predictions] == [captions[name] for name in names]
+    assert all(p["latex"] == " ".join(p["tokens"]) for p in predictions)
 
 
 def test_the_shipped_default_model_reads_the_image():
