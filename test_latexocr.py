@@ -107,6 +107,8 @@ def test_set_overrides_are_typed():
     ("data.margin=-2", "data.margin must be >= 0"),
     ("data.bucket_widths=[-128,256]", "must be positive"),
     ("evaluation.beam_width=0", "evaluation.beam_width must be at least 1"),
+    ("evaluation.size_factors=[0.5,1]", "evaluation.size_factors must lie in (0, 8], none of them 1"),
+    ("evaluation.size_factors=[-0.5]", "evaluation.size_factors must lie in (0, 8]"),
     ("model.dropout=1", "model.dropout must be in [0, 1)"),
     ("rl.baseline=greedy", "rl.baseline must be 'mean' or 'self_critical'"),
 ])
@@ -192,7 +194,7 @@ def test_ink_crop_finds_the_formula():
 
 def test_preprocess_keeps_aspect_and_uses_a_bucket():
     data = L.DataConfig(glyph_height=0)  # a 30 px block would otherwise be read as one large glyph
-    canvas = L.preprocess_image(formula_like(box=(0, 0, 299, 29), width=400), data)
+    canvas = L.preprocess_image(formula_like(box=(0, 0, 299, 29), width=400), data)[0]
     assert canvas.shape == (64, 512)
     assert canvas.shape[0] % 16 == 0 and canvas.shape[1] % 16 == 0
     rows, cols = np.nonzero(canvas > 0.5)
@@ -201,7 +203,7 @@ def test_preprocess_keeps_aspect_and_uses_a_bucket():
 
 def test_wide_formula_is_shrunk_not_squashed():
     data = L.DataConfig(glyph_height=0)
-    canvas = L.preprocess_image(formula_like(width=2000, height=100, box=(0, 0, 1519, 39)), data)
+    canvas = L.preprocess_image(formula_like(width=2000, height=100, box=(0, 0, 1519, 39)), data)[0]
     rows, cols = np.nonzero(canvas > 0.5)
     height, width = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
     assert canvas.shape[1] == max(data.bucket_widths)
@@ -250,14 +252,33 @@ def test_a_smaller_formula_keeps_its_size():
     np.testing.assert_array_equal(L.scale_into_range(small, L.DataConfig()), small)
 
 
+def test_size_variants_follow_the_glyph_height():
+    with Image.open(DATA / "images" / "159bf72783.png") as image:
+        image.load()
+    data, factors = L.DataConfig(), (1.4, 0.7, 0.5)
+    usual = L.ink_crop(L.rescale_image(image, 0.7))  # glyphs 8 px: read once, as preprocessed
+    assert [v.shape for v in L.size_variants(usual, data, factors)] == [L.scale_into_range(usual, data).shape]
+    large = L.ink_crop(L.rescale_image(image, 2.0))  # glyphs 21 px: also read at 0.7 and 0.5 times
+    assert L.glyph_height(large) >= L.SHRINK_FROM_GLYPH
+    variants = L.size_variants(large, data, factors)
+    np.testing.assert_array_equal(variants[0], L.scale_into_range(large, data))
+    assert [v.shape for v in variants[1:]] == [(25, 200), (18, 143)]
+    small = L.ink_crop(L.rescale_image(image, 0.5))  # glyphs 6 px: also read 1.4 times as large
+    assert L.glyph_height(small) <= L.ENLARGE_UP_TO_GLYPH
+    assert [v.shape for v in L.size_variants(small, data, factors)][1:] == [(13, 99)]
+    assert len(L.size_variants(large, data, ())) == 1
+    canvases = L.preprocess_image(L.rescale_image(image, 2.0), data, size_factors=factors)
+    assert [c.shape for c in canvases] == [L.choose_bucket(v.shape, data) for v in variants]
+
+
 def test_transparent_and_inverted_images_match_the_plain_one():
     data = L.DataConfig()
-    plain = L.preprocess_image(formula_like(), data)
+    plain = L.preprocess_image(formula_like(), data)[0]
     transparent = Image.new("RGBA", (300, 80), (0, 0, 0, 0))
     ImageDraw.Draw(transparent).rectangle((40, 20, 200, 50), fill=(0, 0, 0, 255))
     inverted = formula_like(background=0, ink=255)
-    np.testing.assert_allclose(L.preprocess_image(transparent, data), plain)
-    np.testing.assert_allclose(L.preprocess_image(inverted, data), plain)
+    np.testing.assert_allclose(L.preprocess_image(transparent, data)[0], plain)
+    np.testing.assert_allclose(L.preprocess_image(inverted, data)[0], plain)
 
 
 def test_blank_image_is_a_user_error():
@@ -501,12 +522,43 @@ def test_tiny_model_overfits_eight_real_images_and_decodes_them_exactly(overfit_
     assert summary["step"] == OVERFIT_STEPS
     predictor = L.load_predictor(str(run_dir))
     examples, _ = L.load_split(eight_examples, L.DataConfig(image_base_dir=str(DATA / "images")), vocab)
-    canvases = [L.preprocess_image(L.open_image(e.image_path), predictor.data) for e in examples]
+    canvases = [L.preprocess_image(L.open_image(e.image_path), predictor.data)[0] for e in examples]
     predictions = [tokens for tokens, _ in predictor.predict_images(canvases)]
     assert predictions == [e.caption for e in examples]
     assert summary["metrics"]["exact_match"] == 100.0
     # It reads its images: given another example's image, its loss rises (0.43 nats per token seen).
     assert summary["metrics"]["image_gain"] > 0.2, summary["metrics"]
+
+
+def test_reading_at_several_sizes_keeps_the_best_scored_answer(overfit_run, eight_examples, vocab):
+    run_dir, _ = overfit_run
+    predictor = L.load_predictor(str(run_dir))
+    examples, _ = L.load_split(eight_examples, L.DataConfig(image_base_dir=str(DATA / "images")), vocab)
+    image = L.open_image(examples[0].image_path)
+    canvases = [L.preprocess_image(L.rescale_image(image, scale), predictor.data)[0] for scale in (1.0, 0.6, 1.7)]
+    answers = predictor.predict_images(canvases)
+    best = int(np.argmax([score for _, score in answers]))
+    for order in ([0, 1, 2], [2, 1, 0]):
+        [(tokens, score, index)] = predictor.read_images([[canvases[i] for i in order]])
+        assert order[index] == best and (tokens, score) == answers[best]
+    assert answers[0][0] == examples[0].caption
+
+
+def test_evaluation_over_size_variants_scores_each_image_once(overfit_run, eight_examples, vocab):
+    run_dir, _ = overfit_run
+    predictor = L.load_predictor(str(run_dir))
+    data = L.DataConfig(image_base_dir=str(DATA / "images"))
+    examples, _ = L.load_split(eight_examples, data, vocab)
+    # At twice the size every image's glyphs call for the 0.5 variant, close to the image as memorised
+    # (measured: 7 of 8 read exactly over the variants, 1 of 8 from the usual preprocessing alone).
+    plain = L.Dataset(examples, predictor.data, image_scale=2.0)
+    varied = L.Dataset(examples, predictor.data, image_scale=2.0, size_factors=(0.5,))
+    assert len(plain) == plain.distinct == varied.distinct == 8 and len(varied) == 16
+    assert varied.owners == [i // 2 for i in range(16)]
+    plain_metrics, _, _ = L.evaluate_dataset(predictor, plain, 8)
+    metrics, kept, answers = L.evaluate_dataset(predictor, varied, 8)
+    assert [e.name for e in kept] == [e.name for e in examples] and len(answers) == 8
+    assert metrics["exact_match"] >= 75.0 and plain_metrics["exact_match"] <= 25.0, (metrics, plain_metrics)
 
 
 def test_image_reliance_is_zero_for_a_decoder_that_ignores_the_image(eight_examples, vocab):
@@ -864,7 +916,7 @@ def test_cli_beam_search_predicts_and_evaluates(overfit_run, eight_examples, tmp
     images = [DATA / "images" / e["img_path"] for e in entries[:3]]
     code, out, _ = run_main(["predict", *images, "--checkpoint", run_dir, "--beam", 3, "--json"], capsys)
     result = json.loads(out)
-    assert code == 0 and result["decoding"] == "beam 3, length penalty 0.7"
+    assert code == 0 and result["decoding"] == "beam 3, length penalty 0.7, size factors 1.4 0.7 0.5"
     assert [p["latex"] for p in result["predictions"]] == [e["caption"] for e in entries[:3]]
     assert all(p["score"] <= 0 for p in result["predictions"])
     code, out, _ = run_main(["eval", "--checkpoint", run_dir, "--quiet", "--set", f"data.test_split={eight_examples}",
@@ -1205,7 +1257,7 @@ def eight_images(eight_examples):
 def test_server_answers_like_predict(server, eight_images):
     url, predictor = server
     for image, caption in eight_images[:4]:
-        canvas = L.preprocess_image(L.decode_image(io.BytesIO(image), "x"), predictor.data)
+        canvas = L.preprocess_image(L.decode_image(io.BytesIO(image), "x"), predictor.data)[0]
         expected = L.detokenize(predictor.predict_images([canvas])[0][0])
         status, answer = http(f"{url}/api/predict", image)
         assert status == 200 and answer["latex"] == expected == caption
@@ -1269,7 +1321,7 @@ def test_server_answers_twenty_concurrent_requests(server, eight_images):
 def test_attention_picture_has_a_panel_per_token_of_maps_summing_to_one(server, eight_images):
     url, predictor = server
     image, caption = eight_images[0]
-    canvas = L.preprocess_image(L.decode_image(io.BytesIO(image), "x"), predictor.data)
+    canvas = L.preprocess_image(L.decode_image(io.BytesIO(image), "x"), predictor.data)[0]
     tokens = caption.split()
     for layer in (0, -1):
         maps = predictor.attention_maps(canvas, tokens, layer)
@@ -1710,7 +1762,7 @@ def test_property_preprocessing_never_crashes_and_gives_a_bucket(mode, height, w
     image = Image.fromarray(pixels).convert(mode)
     data = L.DataConfig()
     try:
-        canvas = L.preprocess_image(image, data)
+        canvas = L.preprocess_image(image, data)[0]
     except L.UserError as error:
         assert "no visible formula" in str(error)
         return
