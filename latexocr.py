@@ -607,18 +607,17 @@ def glyph_height(ink: np.ndarray) -> float | None:
     return float(np.median(tall)) if tall.size else None
 
 
-def glyph_scale(ink: np.ndarray, data: DataConfig) -> float:
-    measured = glyph_height(ink) if data.glyph_height else None
-    if measured is None or measured <= GLYPH_TOLERANCE * data.glyph_height:
+def glyph_scale(measured: float | None, data: DataConfig) -> float:
+    if not data.glyph_height or measured is None or measured <= GLYPH_TOLERANCE * data.glyph_height:
         return 1.0
     return data.glyph_height / measured
 
 
-def scale_into_range(ink: np.ndarray, data: DataConfig) -> np.ndarray:
-    """Scale (aspect kept) so the glyphs are not much above the usual size, the ink height is
-    within range and the width fits the widest bucket."""
+def scale_into_range(ink: np.ndarray, data: DataConfig, measured_glyph: float | None) -> np.ndarray:
+    """Scale (aspect kept) so the glyphs (measured_glyph px; None leaves them alone) are not much
+    above the usual size, the ink height is within range and the width fits the widest bucket."""
     height, width = ink.shape
-    scale = glyph_scale(ink, data)
+    scale = glyph_scale(measured_glyph, data)
     if height * scale < data.min_ink_height:
         scale = data.min_ink_height / height
     elif height * scale > data.max_ink_height:
@@ -663,16 +662,15 @@ def size_variants(ink: np.ndarray, data: DataConfig, factors: Sequence[float]) -
     calls for (only brought within the ink height range and the widest bucket). Answers change
     with image size, and a wrong size tends to give a less confident answer, so whoever reads
     these keeps the answer with the best score."""
-    variants = [scale_into_range(ink, data)]
-    measured = glyph_height(ink) if factors else None
-    if measured is None:
+    measured = glyph_height(ink) if data.glyph_height or factors else None
+    variants = [scale_into_range(ink, data, measured)]
+    if not factors or measured is None:
         return variants
-    as_resized = dataclasses.replace(data, glyph_height=0)
     height, width = ink.shape
     for factor in factors:
         if (factor < 1 and measured >= SHRINK_FROM_GLYPH) or (factor > 1 and measured <= ENLARGE_UP_TO_GLYPH):
             resized = resize_ink(ink, max(1, round(height * factor)), max(1, round(width * factor)))
-            variants.append(scale_into_range(resized, as_resized))
+            variants.append(scale_into_range(resized, data, None))
     return variants
 
 
@@ -1783,6 +1781,16 @@ def beam_search(model: LatexOCR, params: Any, images: jax.Array, beam_width: int
             jnp.maximum(top_live, s["best_score"]))
 
 
+def best_scored(owners: Sequence[int], scores: Sequence[float]) -> list[int]:
+    """Entry i is a reading of image owners[i] (owners run 0, 1, ... in order); per image, the
+    entry whose answer scored best (the first on a tie)."""
+    best: dict[int, int] = {}
+    for entry, owner in enumerate(owners):
+        if owner not in best or scores[entry] > scores[best[owner]]:
+            best[owner] = entry
+    return [best[owner] for owner in range(len(best))]
+
+
 class Predictor:
     """A model with its parameters and vocabulary, and its jitted decoders (each compiled once
     per image bucket shape, and for beam search once per beam width)."""
@@ -1845,14 +1853,11 @@ class Predictor:
                     batch_size: int = 16) -> list[tuple[list[str], float, int]]:
         """Decode every size variant of every image (canvases, as `preprocess` makes them)
         and keep, per image, the answer with the best score: (tokens, score, its variant's index)."""
-        answers = iter(self.predict_images([canvas for canvases in variants for canvas in canvases],
-                                           beam_width, batch_size))
-        best = []
-        for canvases in variants:
-            tried = [next(answers) for _ in canvases]
-            index = max(range(len(tried)), key=lambda i: tried[i][1])
-            best.append((*tried[index], index))
-        return best
+        answers = self.predict_images([canvas for canvases in variants for canvas in canvases], beam_width, batch_size)
+        owners = [image for image, canvases in enumerate(variants) for _ in canvases]
+        firsts = [0, *itertools.accumulate(len(canvases) for canvases in variants)]
+        kept = best_scored(owners, [score for _, score in answers])
+        return [(*answers[entry], entry - firsts[image]) for image, entry in enumerate(kept)]
 
     def decode_dataset(self, dataset: Dataset, batch_size: int, beam_width: int = 1,
                        progress: bool = False) -> tuple[list[list[str]], np.ndarray]:
@@ -2482,11 +2487,7 @@ def evaluate_dataset(predictor: Predictor, dataset: Dataset, batch_size: int, be
     """Metrics, and per distinct example (in order) the example and the answer kept: the best
     scored of its size variants."""
     hypotheses, scores = predictor.decode_dataset(dataset, batch_size, beam_width, progress)
-    best: dict[int, int] = {}
-    for entry, owner in enumerate(dataset.owners):
-        if owner not in best or scores[entry] > scores[best[owner]]:
-            best[owner] = entry
-    kept = [best[owner] for owner in range(dataset.distinct)]
+    kept = best_scored(dataset.owners, scores)
     examples, answers = [dataset.examples[i] for i in kept], [hypotheses[i] for i in kept]
     return compute_metrics([example.caption for example in examples], answers), examples, answers
 

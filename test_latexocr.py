@@ -210,9 +210,13 @@ def test_wide_formula_is_shrunk_not_squashed():
     assert abs(width / height - 1520 / 40) < 1.5
 
 
+def scaled_into_range(ink, data):
+    return L.scale_into_range(ink, data, L.glyph_height(ink))
+
+
 def test_tiny_formula_is_scaled_up_to_min_height():
     data = L.DataConfig()
-    ink = L.scale_into_range(L.ink_crop(formula_like(box=(10, 10, 69, 15))), data)
+    ink = scaled_into_range(L.ink_crop(formula_like(box=(10, 10, 69, 15))), data)
     assert ink.shape == (data.min_ink_height, 120)
 
 
@@ -239,9 +243,9 @@ def test_a_larger_formula_is_brought_to_the_usual_glyph_size(scale):
     with Image.open(DATA / "images" / "159bf72783.png") as image:
         image.load()
     resized = L.rescale_image(image, scale)
-    usual = L.scale_into_range(L.ink_crop(image), L.DataConfig())
-    brought = L.scale_into_range(L.ink_crop(resized), L.DataConfig())
-    left_alone = L.scale_into_range(L.ink_crop(resized), L.DataConfig(glyph_height=0))
+    usual = scaled_into_range(L.ink_crop(image), L.DataConfig())
+    brought = scaled_into_range(L.ink_crop(resized), L.DataConfig())
+    left_alone = scaled_into_range(L.ink_crop(resized), L.DataConfig(glyph_height=0))
     assert abs(brought.shape[0] / usual.shape[0] - 1) < 0.3, (brought.shape, usual.shape)
     assert abs(left_alone.shape[0] / usual.shape[0] - 1) > 0.3, (left_alone.shape, usual.shape)
 
@@ -249,7 +253,7 @@ def test_a_larger_formula_is_brought_to_the_usual_glyph_size(scale):
 def test_a_smaller_formula_keeps_its_size():
     with Image.open(DATA / "images" / "159bf72783.png") as image:
         small = L.ink_crop(L.rescale_image(image, 0.75))
-    np.testing.assert_array_equal(L.scale_into_range(small, L.DataConfig()), small)
+    np.testing.assert_array_equal(scaled_into_range(small, L.DataConfig()), small)
 
 
 def test_size_variants_follow_the_glyph_height():
@@ -257,11 +261,11 @@ def test_size_variants_follow_the_glyph_height():
         image.load()
     data, factors = L.DataConfig(), (1.4, 0.7, 0.5)
     usual = L.ink_crop(L.rescale_image(image, 0.7))  # glyphs 8 px: read once, as preprocessed
-    assert [v.shape for v in L.size_variants(usual, data, factors)] == [L.scale_into_range(usual, data).shape]
+    assert [v.shape for v in L.size_variants(usual, data, factors)] == [scaled_into_range(usual, data).shape]
     large = L.ink_crop(L.rescale_image(image, 2.0))  # glyphs 21 px: also read at 0.7 and 0.5 times
     assert L.glyph_height(large) >= L.SHRINK_FROM_GLYPH
     variants = L.size_variants(large, data, factors)
-    np.testing.assert_array_equal(variants[0], L.scale_into_range(large, data))
+    np.testing.assert_array_equal(variants[0], scaled_into_range(large, data))
     assert [v.shape for v in variants[1:]] == [(25, 200), (18, 143)]
     small = L.ink_crop(L.rescale_image(image, 0.5))  # glyphs 6 px: also read 1.4 times as large
     assert L.glyph_height(small) <= L.ENLARGE_UP_TO_GLYPH
