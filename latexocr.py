@@ -1791,17 +1791,50 @@ def best_scored(owners: Sequence[int], scores: Sequence[float]) -> list[int]:
     return [best[owner] for owner in range(len(best))]
 
 
+def program_path(directory: Path, kind: str, *parts: Any) -> Path:
+    """Where a traced program is kept: its name changes with this module's source, the JAX
+    version and backend, and the parts that shape it."""
+    key = repr([hashlib.sha256(Path(__file__).read_bytes()).hexdigest(), jax.__version__, jax.default_backend(), *parts])
+    return directory / f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:32]}.bin"
+
+
+def exported_program(path: Path, export) -> jax.export.Exported:
+    """The traced program stored at path, or export() written there whole (or not at all: a
+    read-only cache only costs the tracing). A file that does not read back is traced again."""
+    try:
+        return jax.export.deserialize(bytearray(path.read_bytes()))
+    except FileNotFoundError:
+        pass
+    except Exception:  # a truncated or foreign file fails in flatbuffers or jax with many types
+        print(f"latexocr: traced program {path} is unreadable; tracing it again", file=sys.stderr)
+    exported = export()
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        temporary.write_bytes(exported.serialize())
+        os.replace(temporary, path)
+    return exported
+
+
 class Predictor:
     """A model with its parameters and vocabulary, and its jitted decoders (each compiled once
-    per image bucket shape, and for beam search once per beam width)."""
+    per image bucket shape, and for beam search once per beam width).
+
+    With a program_dir, each decoder is also traced only once across processes: tracing the
+    decoding loops takes longer than reading their compiled code from the compilation cache,
+    so a new `predict` process reads the traced program (jax.export) from program_dir."""
 
     def __init__(self, model: LatexOCR, params: Any, vocab: Vocabulary, data: DataConfig,
-                 length_penalty: float = 0.7, size_factors: Sequence[float] = ()):
+                 length_penalty: float = 0.7, size_factors: Sequence[float] = (),
+                 program_dir: Path | None = None):
         self.model, self.params, self.vocab, self.data = model, params, vocab, data
         self.size_factors = tuple(size_factors)
-        self._greedy = jax.jit(lambda p, images: greedy_with_scores(model, p, images, length_penalty))
-        self._beam = jax.jit(lambda p, images, width: beam_search(model, p, images, width, length_penalty),
-                             static_argnames="width")
+        self.program_dir = program_dir
+        self._decode = jax.jit(lambda p, images, width: greedy_with_scores(model, p, images, length_penalty)
+                               if width == 1 else beam_search(model, p, images, width, length_penalty),
+                               static_argnames="width")
+        self._length_penalty = length_penalty
+        self._exported: dict[tuple[tuple[int, ...], int], Any] = {}
         self._cross_kv = jax.jit(lambda p, images: encode_for_decoding(model, p, images))
         self._prefix_logits = jax.jit(
             lambda p, tokens, cross_kv: model.apply({"params": p}, tokens, cross_kv, method=LatexOCR.decode))
@@ -1823,9 +1856,21 @@ class Predictor:
 
     def decode_batch(self, images: np.ndarray, beam_width: int = 1) -> tuple[list[list[str]], np.ndarray]:
         """images [B, H, W, 1] -> token lists and their length-normalised log-probabilities."""
-        decode = self._greedy if beam_width == 1 else functools.partial(self._beam, width=beam_width)
-        ids, scores = decode(self.params, jnp.asarray(images))
+        ids, scores = self._decoder(images.shape, beam_width)(self.params, jnp.asarray(images))
         return [self.vocab.decode(row) for row in np.asarray(ids)], np.asarray(scores)
+
+    def _decoder(self, shape: tuple[int, ...], beam_width: int):
+        if self.program_dir is None:
+            return functools.partial(self._decode, width=beam_width)
+        if (shape, beam_width) not in self._exported:
+            params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.params)
+            images = jax.ShapeDtypeStruct(shape, jnp.float32)
+            path = program_path(self.program_dir, "decoder", dataclasses.asdict(self.model.cfg), self._length_penalty,
+                                shape, beam_width, jax.tree_util.tree_structure(params), params)
+            decode = jax.jit(functools.partial(self._decode, width=beam_width))
+            exported = exported_program(path, lambda: jax.export.export(decode)(params, images))
+            self._exported[shape, beam_width] = jax.jit(exported.call)
+        return self._exported[shape, beam_width]
 
     def predict_images(self, canvases: Sequence[np.ndarray], beam_width: int = 1,
                        batch_size: int = 16) -> list[tuple[list[str], float]]:
@@ -2413,23 +2458,38 @@ def abstract(tree: Any, sharding: jax.sharding.Sharding | None = None) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
-def restore_model(path: str, kind: type) -> tuple[Any, Any, dict]:
+def parameter_shapes(model: nn.Module, init, program_dir: Path | None) -> Any:
+    """The shapes and dtypes of the model's parameters. Tracing init for them is most of the
+    time a cold start spends restoring, so with a program_dir the traced init is kept there."""
+    if program_dir is None:
+        return jax.eval_shape(lambda: init(model, 0))
+    exported = exported_program(program_path(program_dir, "init", type(model).__name__, dataclasses.asdict(model.cfg)),
+                                lambda: jax.export.export(jax.jit(lambda: init(model, 0)))())
+    return jax.tree_util.tree_unflatten(exported.out_tree, exported.out_avals)
+
+
+def restore_model(path: str, kind: type, program_dir: Path | None = None) -> tuple[Any, Any, dict]:
     """Model, parameters and metadata from a checkpoint alone (its best step); kind is
-    ModelConfig (the OCR model) or ExtractorConfig (the feature extractor)."""
+    ModelConfig (the OCR model) or ExtractorConfig (the feature extractor). program_dir: see
+    parameter_shapes."""
     module, init = {ModelConfig: (LatexOCR, init_params), ExtractorConfig: (FeatureExtractor, init_extractor_params)}[kind]
     directory = find_checkpoint_dir(path)
     step = checkpoint_steps(directory)[-1]
     metadata = read_metadata(directory, step)
     model = module(model_config_from_metadata(metadata, directory / str(step), kind))
-    target = abstract(jax.eval_shape(lambda: init(model, 0)))
+    target = abstract(parameter_shapes(model, init, program_dir))
     return model, restore_items(directory, step, {"params": target})["params"], metadata
 
 
 def load_predictor(path: str, length_penalty: float = 0.7, size_factors: Sequence[float] = ()) -> Predictor:
-    """Rebuild model, parameters, vocabulary and image settings from a checkpoint alone."""
-    model, params, metadata = restore_model(path, ModelConfig)
+    """Rebuild model, parameters, vocabulary and image settings from a checkpoint alone. Its
+    traced decoders are kept beside the compiled programs when JAX's persistent compilation
+    cache is on (see enable_compilation_cache)."""
+    cache = jax.config.jax_compilation_cache_dir
+    program_dir = Path(cache) / "latexocr-traced" if cache else None
+    model, params, metadata = restore_model(path, ModelConfig, program_dir)
     data = DataConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in metadata["data"].items()})
-    return Predictor(model, params, Vocabulary(metadata["vocab"]), data, length_penalty, size_factors)
+    return Predictor(model, params, Vocabulary(metadata["vocab"]), data, length_penalty, size_factors, program_dir)
 
 
 def check_compatible(metadata: dict, cfg: ModelConfig | ExtractorConfig, vocab: Vocabulary, where: Path) -> None:

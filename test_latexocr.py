@@ -548,6 +548,37 @@ def test_reading_at_several_sizes_keeps_the_best_scored_answer(overfit_run, eigh
     assert answers[0][0] == examples[0].caption
 
 
+def test_traced_programs_are_stored_and_read_back(overfit_run, eight_examples, vocab, tmp_path, monkeypatch, capsys):
+    """With a program_dir, init and each decoder are traced once and stored; a new process (here
+    a new predictor, with exporting refused) reads them back and answers the same; a stored
+    program that does not read back is traced again and replaced."""
+    run_dir, _ = overfit_run
+    plain = L.load_predictor(str(run_dir))
+    examples, _ = L.load_split(eight_examples, L.DataConfig(image_base_dir=str(DATA / "images")), vocab)
+    canvas = L.preprocess_image(L.open_image(examples[0].image_path), plain.data)[0][None, ..., None]
+
+    def answers(predictor):
+        return [(tokens, scores.tolist()) for tokens, scores in (predictor.decode_batch(canvas, w) for w in (1, 2))]
+
+    def stored_predictor():
+        model, params, _ = L.restore_model(str(run_dir), L.ModelConfig, tmp_path)
+        return L.Predictor(model, params, plain.vocab, plain.data, program_dir=tmp_path)
+
+    expected = answers(plain)
+    assert expected[0][0] == [examples[0].caption]
+    assert answers(stored_predictor()) == expected
+    stored = sorted(tmp_path.iterdir())
+    assert sorted(p.name.split("-")[0] for p in stored) == ["decoder", "decoder", "init"]
+    with monkeypatch.context() as refused:
+        refused.setattr(jax.export, "export", lambda *a, **k: pytest.fail("traced again"))
+        assert answers(stored_predictor()) == expected
+    broken = stored[0]
+    broken.write_bytes(b"half a program")
+    assert answers(stored_predictor()) == expected
+    assert f"traced program {broken} is unreadable" in capsys.readouterr().err
+    assert broken.stat().st_size > 1000 and sorted(tmp_path.iterdir()) == stored
+
+
 def test_evaluation_over_size_variants_scores_each_image_once(overfit_run, eight_examples, vocab):
     run_dir, _ = overfit_run
     predictor = L.load_predictor(str(run_dir))
