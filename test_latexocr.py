@@ -9,6 +9,7 @@ import math
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 os.environ.setdefault("LATEXOCR_CACHE_DIR", "")  # tests compile with optimizations off; do not cache those
@@ -535,23 +536,33 @@ def test_tiny_model_overfits_eight_real_images_and_decodes_them_exactly(overfit_
 
 
 def test_reading_at_several_sizes_keeps_the_best_scored_answer(overfit_run, eight_examples, vocab):
+    """Every size read (confident_score 0), the best-scored answer is kept whatever the order;
+    the other sizes are read only when the first answer scores at most confident_score."""
     run_dir, _ = overfit_run
-    predictor = L.load_predictor(str(run_dir))
+    predictor = L.load_predictor(str(run_dir), confident_score=0.0)
     examples, _ = L.load_split(eight_examples, L.DataConfig(image_base_dir=str(DATA / "images")), vocab)
     image = L.open_image(examples[0].image_path)
     canvases = [L.preprocess_image(L.rescale_image(image, scale), predictor.data)[0] for scale in (1.0, 0.6, 1.7)]
     answers = predictor.predict_images(canvases)
     best = int(np.argmax([score for _, score in answers]))
     for order in ([0, 1, 2], [2, 1, 0]):
-        [(tokens, score, index)] = predictor.read_images([[canvases[i] for i in order]])
-        assert order[index] == best and (tokens, score) == answers[best]
+        [reading] = predictor.read_images([[canvases[i] for i in order]])
+        assert order[reading.variant] == best and reading.sizes_read == 3
+        assert reading.tokens == answers[best][0] and reading.score == pytest.approx(answers[best][1], abs=1e-5)
     assert answers[0][0] == examples[0].caption
+    enlarged_first = [canvases[i] for i in (2, 1, 0)]
+    predictor.confident_score = answers[2][1] + 1e-3
+    assert predictor.read_images([enlarged_first])[0].sizes_read == 3
+    predictor.confident_score = answers[2][1] - 1e-3
+    [reading] = predictor.read_images([enlarged_first])
+    assert (reading.variant, reading.sizes_read, reading.tokens) == (0, 1, answers[2][0])
 
 
 def test_traced_programs_are_stored_and_read_back(overfit_run, eight_examples, vocab, tmp_path, monkeypatch, capsys):
     """With a program_dir, init and each decoder are traced once and stored; a new process (here
-    a new predictor, with exporting refused) reads them back and answers the same; a stored
-    program that does not read back is traced again and replaced."""
+    a new predictor, with exporting refused) reads them back, marking them as in use, and answers
+    the same; a stored program that does not read back is traced again and replaced, and storing
+    it deletes programs unused for UNUSED_PROGRAM_DAYS."""
     run_dir, _ = overfit_run
     plain = L.load_predictor(str(run_dir))
     examples, _ = L.load_split(eight_examples, L.DataConfig(image_base_dir=str(DATA / "images")), vocab)
@@ -569,9 +580,15 @@ def test_traced_programs_are_stored_and_read_back(overfit_run, eight_examples, v
     assert answers(stored_predictor()) == expected
     stored = sorted(tmp_path.iterdir())
     assert sorted(p.name.split("-")[0] for p in stored) == ["decoder", "decoder", "init"]
+    long_unused = time.time() - (L.UNUSED_PROGRAM_DAYS + 1) * 86400
+    older_version = tmp_path / "decoder-of-an-older-version.bin"
+    older_version.write_bytes(b"a program no version reads any more")
+    for path in [*stored, older_version]:
+        os.utime(path, (long_unused, long_unused))
     with monkeypatch.context() as refused:
         refused.setattr(jax.export, "export", lambda *a, **k: pytest.fail("traced again"))
         assert answers(stored_predictor()) == expected
+    assert all(path.stat().st_mtime > long_unused + 86400 for path in stored) and older_version.exists()
     broken = stored[0]
     broken.write_bytes(b"half a program")
     assert answers(stored_predictor()) == expected
@@ -590,10 +607,16 @@ def test_evaluation_over_size_variants_scores_each_image_once(overfit_run, eight
     varied = L.Dataset(examples, predictor.data, image_scale=2.0, size_factors=(0.5,))
     assert len(plain) == plain.distinct == varied.distinct == 8 and len(varied) == 16
     assert varied.owners == [i // 2 for i in range(16)]
-    plain_metrics, _, _ = L.evaluate_dataset(predictor, plain, 8)
-    metrics, kept, answers = L.evaluate_dataset(predictor, varied, 8)
+    assert varied.variants == [i % 2 for i in range(16)]
+    plain_metrics, _, _, plain_readings = L.evaluate_dataset(predictor, plain, 8)
+    predictor.confident_score = 0.0
+    metrics, kept, answers, readings = L.evaluate_dataset(predictor, varied, 8)
     assert [e.name for e in kept] == [e.name for e in examples] and len(answers) == 8
+    assert (plain_readings, readings) == (8, 16)
     assert metrics["exact_match"] >= 75.0 and plain_metrics["exact_match"] <= 25.0, (metrics, plain_metrics)
+    # Confident of every first answer, it reads each image once, as without size variants.
+    predictor.confident_score = -1e9
+    assert L.evaluate_dataset(predictor, varied, 8)[::3] == (plain_metrics, 8)
 
 
 def test_image_reliance_is_zero_for_a_decoder_that_ignores_the_image(eight_examples, vocab):
@@ -951,9 +974,10 @@ def test_cli_beam_search_predicts_and_evaluates(overfit_run, eight_examples, tmp
     images = [DATA / "images" / e["img_path"] for e in entries[:3]]
     code, out, _ = run_main(["predict", *images, "--checkpoint", run_dir, "--beam", 3, "--json"], capsys)
     result = json.loads(out)
-    assert code == 0 and result["decoding"] == "beam 3, length penalty 0.7, size factors 1.4 0.7 0.5"
+    assert code == 0 and result["decoding"] == "beam 3, length penalty 0.7, size factors 1.4 0.7 0.5 below score -0.7"
     assert [p["latex"] for p in result["predictions"]] == [e["caption"] for e in entries[:3]]
-    assert all(p["score"] <= 0 for p in result["predictions"])
+    # Memorised, each first answer is confident (scores near 0), so no other size is read.
+    assert all(L.CONFIDENT_SCORE < p["score"] <= 0 and p["sizes_read"] == 1 for p in result["predictions"])
     code, out, _ = run_main(["eval", "--checkpoint", run_dir, "--quiet", "--set", f"data.test_split={eight_examples}",
                              "--set", "evaluation.generation_method=beam", "--set", "evaluation.beam_width=2",
                              "--set", f"evaluation.output_dir={tmp_path}"], capsys)
