@@ -655,6 +655,34 @@ def test_resume_equals_uninterrupted_run(tmp_path, eight_examples, vocab):
     jax.tree.map(np.testing.assert_array_equal, straight_params, resumed_params)
 
 
+def test_weight_average_is_validated_saved_and_resumed(tmp_path, eight_examples, vocab):
+    """With ema_decay 0.5 the average after each step is the mean of the last average and the new
+    weights, starting from the initial ones; the best checkpoint holds the average, the latest
+    checkpoint both, and a run resumed from step 1 ends with the same average."""
+    settings = dict(total_steps=2, warmup_steps=1, eval_every=1, keep_checkpoints=2, ema_decay=0.5)
+    straight = tmp_path / "straight"
+    L.train(L.apply_overrides(L.Config(), tiny_overrides(straight, eight_examples, **settings)), progress=False)
+    shapes = L.abstract(L.init_params(L.LatexOCR(L.model_config_from_metadata(L.read_metadata(straight, 2),
+                                                                                straight)), 0))
+    average = L.init_params(L.LatexOCR(L.model_config_from_metadata(L.read_metadata(straight, 2), straight)), 0)
+    for step in (1, 2):
+        stored = L.restore_items(straight, step, {"params": shapes, "ema_params": shapes})
+        average = jax.tree.map(lambda a, p: (a + p) / 2, average, stored["params"])
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), stored["ema_params"], average)
+    best_step = L.checkpoint_steps(straight / "best")[-1]
+    best = L.restore_items(straight / "best", best_step, {"params": shapes})["params"]
+    expected = L.restore_items(straight, best_step, {"ema_params": shapes})["ema_params"]
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, np.asarray(y, np.float16).astype(np.float32)),
+                 best, expected)
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(straight / "1", resumed / "1")
+    L.train(L.apply_overrides(L.Config(), tiny_overrides(resumed, eight_examples, **settings)), resume=True,
+            progress=False)
+    jax.tree.map(np.testing.assert_array_equal, L.restore_items(resumed, 2, {"ema_params": shapes})["ema_params"],
+                 L.restore_items(straight, 2, {"ema_params": shapes})["ema_params"])
+
+
 def test_gradient_accumulation_of_a_repeated_batch_equals_one_step(tiny_model, vocab):
     model, params = tiny_model
     data = L.DataConfig(image_base_dir=str(DATA / "images"))
@@ -1009,6 +1037,19 @@ def test_predict_uses_the_shipped_default_model(capsys):
     assert all(p["latex"] == " ".join(p["tokens"]) for p in predictions)
 
 
+def test_readme_python_example_runs(capsys, monkeypatch):
+    """The README's "From Python" block, run as written: the shipped model reads both images."""
+    block = re.search(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL).group(1)
+    monkeypatch.chdir(ROOT)
+    exec(compile(block, "README.md", "exec"), {})
+    captions = {e["img_path"]: e["caption"] for e in json.loads((DATA / "test.json").read_text()).values()}
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2
+    for line in lines:
+        path, rest = line.split(" ", 1)
+        assert rest.rsplit(" ", 1)[0] == captions[Path(path).name]
+
+
 def test_the_shipped_default_model_reads_the_image():
     """On 32 held-out sample test images, the teacher-forced loss of their captions rises by more
     than a nat per token when each is shown another one's image: a language model of LaTeX that
@@ -1237,8 +1278,10 @@ def final_params(run_dir, step):
     return L.restore_items(run_dir, step, {"params": target})["params"]
 
 
-def max_difference(a, b):
-    return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.abs(np.asarray(x) - np.asarray(y)).max()), a, b)))
+def distance(a, b):
+    """Global L2 norm of a - b over every parameter."""
+    return float(np.sqrt(sum(jax.tree.leaves(jax.tree.map(
+        lambda x, y: np.sum(np.square(np.asarray(x, np.float64) - np.asarray(y, np.float64))), a, b)))))
 
 
 def test_two_devices_and_two_processes_train_like_one_device(tmp_path, eight_examples):
@@ -1259,10 +1302,15 @@ def test_two_devices_and_two_processes_train_like_one_device(tmp_path, eight_exa
         assert process.returncode == 0, err
         assert json.loads(out.splitlines()[-1])["step"] == 3
     reference = final_params(tmp_path / "one", 3)
-    moved = max_difference(reference, L.init_params(L.LatexOCR(L.model_config_from_metadata(
+    moved = distance(reference, L.init_params(L.LatexOCR(L.model_config_from_metadata(
         L.read_metadata(tmp_path / "one", 3), tmp_path)), 0))
+    # Splitting the batch only reorders float32 sums, and Adam magnifies such rounding in weights
+    # whose gradient is near zero, so an absolute bound depends on the CPU (1.1e-4 on one machine,
+    # under 1e-4 on another). Relative to how far the parameters moved, rounding came to 1.7e-4;
+    # a gradient from other rows (a broken all-reduce) flips the sign of Adam's early updates in
+    # many weights, a difference of the order of the movement itself.
     for name in ("two_devices", "two_processes"):
-        assert max_difference(final_params(tmp_path / name, 3), reference) < 1e-4 < moved
+        assert distance(final_params(tmp_path / name, 3), reference) < 1e-2 * moved
     log = [json.loads(line) for line in (tmp_path / "two_processes" / "train.log").read_text().splitlines()]
     start = next(event for event in log if event["event"] == "start")
     assert (start["devices"], start["processes"]) == (2, 2)
