@@ -1,25 +1,211 @@
-"""latexocr tools: data preparation around the core in latexocr.py.
+"""latexocr tools: data preparation, rendering, the web page and the benchmark, around the core
+model in latexocr.py (which never imports this module).
 
-    python latexocr_tools.py normalize en-wiki-formulae-good.json wiki/formulas.txt \\
-        --vocab data/model/vocab.json --exclude im2latex/gg/test.json
-    python latexocr_tools.py normalize --check ../shared/data/im2latex100k/gg_processed/val.formulas.norm.txt
-
-`normalize` turns raw LaTeX formulas, as people write them, into IM2LATEX-100K's normalized
-token form, ready for `python latexocr.py render`.
+    python latexocr_tools.py prepare --root ~/im2latex100k --out my_data --copy-images
+    python latexocr_tools.py normalize en-wiki-formulae-good.json wiki/formulas.txt --exclude my_data/test.json
+    python latexocr_tools.py render wiki/formulas.txt wiki/renders --dpi 160,200,250
+    python latexocr_tools.py combine all --add my_data/train.json=my_data/images --add wiki/renders/train.json=wiki/renders/images
+    python latexocr_tools.py serve                 # web page and JSON API on http://127.0.0.1:8000/
+    python latexocr_tools.py bench
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
 import contextlib
+import csv
+import dataclasses
+import io
 import json
+import os
 import re
+import shutil
 import sys
+import tempfile
+import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
 
 import latexocr as L
+from latexocr import (EOS_ID, MODULE_DIR, PAD_ID, SOS_ID, SPLITS, Config, LatexOCR, Predictor, UserError,
+                      attention_picture, count_params, decode_image, detokenize, encode_for_decoding,
+                      find_checkpoint_dir, formula_lines, image_header_problem, load_predictor, load_split,
+                      open_image, read_split_file, resolve_path, write_json_atomic)
+
+
+# --- IM2LATEX-100K as downloaded -> split files ---------------------------------------------------
+
+def read_split_list(path: Path) -> list[tuple[str, int]]:
+    """(image name, formula index) from either split-list layout: harvardnlp's filtered
+    `image.png index` or the raw Zenodo `index image render_type`."""
+    pairs = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) == 2 and fields[1].isdigit():
+            name, index = fields[0], int(fields[1])
+        elif len(fields) == 3 and fields[0].isdigit():
+            name, index = fields[1] if fields[1].endswith(".png") else fields[1] + ".png", int(fields[0])
+        else:
+            raise UserError(f"{path}:{number}: expected `image index` or `index image type`, got {line!r}")
+        pairs.append((name, index))
+    return pairs
+
+
+def find_original_layout(root: Path) -> tuple[Path, dict[str, Path], Path]:
+    formulas = next((root / n for n in ("im2latex_formulas.norm.lst", "formulas.norm.lst")
+                     if (root / n).is_file()), None)
+    if formulas is None:
+        raise UserError(f"{root} holds no im2latex_formulas.norm.lst (or formulas.norm.lst)")
+    lists = {}
+    for split in SPLITS:
+        for name in (f"im2latex_{split}_filter.lst", f"{split}_filter.lst", f"im2latex_{split}.lst"):
+            if (root / name).is_file():
+                lists[split] = root / name
+                break
+    if not lists:
+        raise UserError(f"{root} holds no split lists (im2latex_{{train,validate,test}}_filter.lst)")
+    images = next((root / n for n in ("formula_images_processed", "images_processed", "formula_images")
+                   if (root / n).is_dir()), None)
+    if images is None:
+        raise UserError(f"{root} holds no image folder (formula_images_processed/ or images_processed/)")
+    return formulas, lists, images
+
+
+# The `gg_processed` layout of IM2LATEX-100K: per split, `images_<stem>/N.png`, the formulas of that
+# split (`<stem>.formulas.norm.txt`) and `<stem>.matching.txt` (`N.png line`).
+GG_SPLIT_STEMS = {"train": "train", "validate": "val", "test": "test"}
+
+
+def is_gg_layout(root: Path) -> bool:
+    return any((root / f"{stem}.matching.txt").is_file() for stem in GG_SPLIT_STEMS.values())
+
+
+def pairs_from_gg_layout(root: Path):
+    """(split, image path relative to root, formula); a split whose formulas file is absent (the
+    train split's, in the public copy) is left out."""
+    for split, stem in GG_SPLIT_STEMS.items():
+        formulas_path, matching = root / f"{stem}.formulas.norm.txt", root / f"{stem}.matching.txt"
+        if not (formulas_path.is_file() and matching.is_file()):
+            continue
+        formulas = formulas_path.read_text(encoding="utf-8", errors="replace").splitlines()
+        for name, index in read_split_list(matching):
+            yield split, f"images_{stem}/{name}", formulas[index] if 0 <= index < len(formulas) else None
+
+
+def pairs_from_original(formulas_path: Path, lists: dict[str, Path]):
+    formulas = formulas_path.read_text(encoding="utf-8", errors="replace").splitlines()
+    for split, list_path in lists.items():
+        for name, index in read_split_list(list_path):
+            formula = formulas[index] if 0 <= index < len(formulas) else None
+            yield split, name, formula
+
+
+def pairs_from_csv(csv_paths: dict[str, Path]):
+    for split, path in csv_paths.items():
+        with path.open(newline="", encoding="utf-8") as file:
+            reader = csv.DictReader(file)
+            if not reader.fieldnames or not {"formula", "image"} <= set(reader.fieldnames):
+                raise UserError(f"{path}: expected a CSV with `formula,image` columns")
+            for row in reader:
+                yield split, row["image"], row["formula"]
+
+
+def prepare(pairs, images: Path, out: Path, copy_images: bool) -> dict[str, dict[str, int]]:
+    """Write `<split>.json` files; every skipped pair is counted and listed in prepare_report.json."""
+    splits: dict[str, dict[str, dict]] = {s: {} for s in SPLITS}
+    skipped: dict[str, dict[str, list[str]]] = {s: collections.defaultdict(list) for s in SPLITS}
+    for split, name, formula in pairs:
+        if formula is None:
+            skipped[split]["formula index out of range"].append(name)
+        elif not formula.split():
+            skipped[split]["empty formula"].append(name)
+        elif not (images / name).is_file():
+            skipped[split]["image missing"].append(name)
+        elif problem := image_header_problem(images / name):
+            skipped[split][problem].append(name)
+        elif name in splits[split]:
+            skipped[split]["duplicate image name"].append(name)
+        else:
+            tokens = formula.split()
+            splits[split][name] = {"img_path": name, "caption": " ".join(tokens), "caption_len": len(tokens)}
+    out.mkdir(parents=True, exist_ok=True)
+    if copy_images:
+        (out / "images").mkdir(exist_ok=True)
+    report = {}
+    for split in SPLITS:
+        if not splits[split] and not skipped[split]:
+            continue
+        write_json_atomic(out / f"{split}.json", splits[split])
+        if copy_images:
+            for name in splits[split]:
+                (out / "images" / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(images / name, out / "images" / name)
+        report[split] = {"written": len(splits[split]), **{k: len(v) for k, v in skipped[split].items()}}
+    write_json_atomic(out / "prepare_report.json",
+                      {"counts": report, "skipped": {s: dict(v) for s, v in skipped.items() if v}})
+    return report
+
+
+# --- merging split files --------------------------------------------------------------------------
+
+def formula_key(caption: str) -> str:
+    return " ".join(caption.split())
+
+
+def excluded_formulas(paths: Sequence[str]) -> set[str]:
+    """Formulas never to train on: the captions of split files, or text files of one formula a line."""
+    return {formula_key(line) for path in paths for line in formula_lines(path) if line.split()}
+
+
+def combine_splits(sources: Sequence[tuple[str, Path]], excluded: set[str], holdout: int, holdout_from: str,
+                   seed: int, max_tokens: int = 0) -> tuple[dict, dict, dict]:
+    """One train split from several (each with its image folder; image paths made absolute and
+    names prefixed `<source number>-`), without the excluded formulas. With `holdout`, that many
+    distinct formulas of the `holdout_from` source become the validate split, and every other
+    entry of those formulas leaves the train split, so no validation formula is trained on.
+    max_tokens > 0 then keeps only training captions of at most that many tokens (the same
+    validate split as without it, for a curriculum that starts on short formulas).
+    Returns train, validate and the counts by reason."""
+    pooled, counts = [], collections.Counter()
+    for number, (path, images) in enumerate(sources, 1):
+        for name, entry in read_split_file(path)[0].items():
+            if not (isinstance(entry, dict) and isinstance(entry.get("caption"), str)
+                    and isinstance(entry.get("img_path"), str) and entry["caption"].split()):
+                counts["entry lacks img_path or caption"] += 1
+            elif formula_key(entry["caption"]) in excluded:
+                counts["excluded formula"] += 1
+            else:
+                tokens = entry["caption"].split()
+                pooled.append((path, f"{number}-{name}", {"img_path": str((images / entry["img_path"]).absolute()),
+                                                          "caption": " ".join(tokens), "caption_len": len(tokens)}))
+    # Pooled captions are already in formula_key form.
+    candidates = sorted({e["caption"] for path, _, e in pooled if path == holdout_from})
+    if holdout > len(candidates):
+        raise UserError(f"--holdout {holdout} is more than the {len(candidates)} usable formulas of {holdout_from}")
+    held = set(np.random.default_rng(seed).permutation(candidates)[:holdout].tolist())
+    train, validate, validated = {}, {}, set()
+    for path, name, entry in pooled:
+        key = entry["caption"]
+        if key not in held and 0 < max_tokens < entry["caption_len"]:
+            counts[f"training caption over {max_tokens} tokens"] += 1
+        elif key not in held:
+            train[name] = entry
+        elif path == holdout_from and key not in validated:
+            validate[name] = entry
+            validated.add(key)
+        else:
+            counts["other entry of a validation formula"] += 1
+    return train, validate, {"train": len(train), "validate": len(validate), **counts}
+
 
 # --- normalizing raw LaTeX into IM2LATEX-100K tokens -----------------------------------------------
 #
@@ -41,9 +227,10 @@ INFIX_FRACTIONS = {r"\over": r"\frac", r"\choose": r"\binom", r"\atop": r"\atop"
 ONE_ARGUMENT = {r"\hat", r"\bar", r"\tilde", r"\vec", r"\dot", r"\ddot", r"\check", r"\breve", r"\acute",
                 r"\grave", r"\widehat", r"\widetilde", r"\overline", r"\underline", r"\overbrace", r"\underbrace",
                 r"\overrightarrow", r"\overleftarrow", r"\mathrm", r"\mathbf", r"\mathit", r"\mathsf",
-                r"\mathcal", r"\boldsymbol", r"\bm", r"\phantom", r"\vphantom", r"\hphantom", r"\mathop",
+                r"\mathcal", r"\phantom", r"\vphantom", r"\hphantom", r"\mathop",
                 r"\mathrel", r"\mathbin", r"\mathord", r"\pmod", r"\boxed", r"\fbox"}
-# Spellings IM2LATEX-100K never uses, as the nearest one it does.
+# Spellings IM2LATEX-100K never uses, as the nearest one it does; a control space is the token
+# `\` (its space is the separator between tokens).
 RENAMED = {r"\boldsymbol": r"\mathbf", r"\bm": r"\mathbf", r"\lvert": "|", r"\rvert": "|",
            r"\lVert": r"\|", r"\rVert": r"\|", r"\>": r"\:",
            r"\implies": r"\Longrightarrow", r"\iff": r"\Longleftrightarrow", r"\dotsc": r"\ldots",
@@ -54,7 +241,7 @@ MATRICES = {"matrix": ("", ""), "smallmatrix": ("", ""), "pmatrix": (r"\left(", 
             "vmatrix": (r"\left|", r"\right|"), "Vmatrix": (r"\left\|", r"\right\|")}
 ALIGNMENTS = {"aligned", "align", "align*", "split", "eqnarray", "eqnarray*", "alignat", "alignat*", "alignedat",
               "gathered", "gather", "gather*"}
-DROPPED = {r"\limits", r"\nolimits", r"\displaylines", r"\nonumber", r"\notag"}
+DROPPED = {r"\limits", r"\nolimits", r"\nonumber", r"\notag"}
 SPACES = {r"\,", r"\;", r"\:", r"\!", "\\", "~", r"\quad", r"\qquad", r"\enspace", r"\thinspace"}
 COLORS = {r"\color", r"\textcolor"}
 
@@ -335,18 +522,18 @@ def without_outer_spacing(tokens: list[str]) -> list[str]:
 def read_raw_formulas(path: Path) -> list[str]:
     """Raw formulas of a JSON object (id -> LaTeX, as texvcjs's test data) or a text file, one a line."""
     if not path.is_file():
-        raise L.UserError(f"formula source not found: {path}")
+        raise UserError(f"formula source not found: {path}")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
-        raise L.UserError(f"formula source {path} is not UTF-8 text: {error}") from None
+        raise UserError(f"formula source {path} is not UTF-8 text: {error}") from None
     if path.suffix == ".json":
         try:
             formulas = json.loads(text)
         except json.JSONDecodeError as error:
-            raise L.UserError(f"{path} is not valid JSON ({error}); give a JSON object of id -> formula") from None
+            raise UserError(f"{path} is not valid JSON ({error}); give a JSON object of id -> formula") from None
         if not isinstance(formulas, dict) or not all(isinstance(v, str) for v in formulas.values()):
-            raise L.UserError(f"{path} is not a JSON object of id -> formula string")
+            raise UserError(f"{path} is not a JSON object of id -> formula string")
         return list(formulas.values())
     return [line for line in text.splitlines() if line.strip()]
 
@@ -535,63 +722,789 @@ def check_round_trip(formulas: Sequence[str]) -> tuple[float, float, list[dict[s
     return 1 - len(failures) / total, 1 - (len(failures) - canonical) / total, failures
 
 
-# --- commands ----------------------------------------------------------------------------------------
+# --- rendering formulas into training images ------------------------------------------------------
 
-def command_normalize(args) -> int:
+TEX_PACKAGES = "texlive-latex-base texlive-latex-recommended texlive-fonts-recommended ghostscript"
+
+
+# Math fonts to vary the look of renderings: Computer Modern (IM2LATEX-100K's), Times, Palatino.
+RENDER_FONTS = {"cm": "", "times": r"\usepackage{txfonts}", "palatino": r"\usepackage{pxfonts}"}
+
+
+# IM2LATEX-100K's look: a 10pt article with amsmath, one `\[ ... \]` per page, rendered at 200 dpi,
+# cropped, padded 8 px, halved. The page is wider than any IM2LATEX-100K formula (the widest are
+# about 8 inches) yet small enough to rasterise quickly; ink touching its edge means it did not fit.
+RENDER_DOCUMENT = r"""\documentclass[10pt]{article}
+\usepackage{amsmath,amssymb}
+%s
+\pagestyle{empty}
+\pdfpagewidth=12in \pdfpageheight=5in \textwidth=11in \textheight=4.5in
+\hoffset=-1in \voffset=-1in \oddsidemargin=0.5in \topmargin=0.25in \headheight=0pt \headsep=0pt
+\begin{document}
+%s
+\end{document}
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class RenderSettings:
+    dpis: tuple[int, ...] = (200,)
+    fonts: tuple[str, ...] = ("cm",)
+    per_document: int = 32
+    timeout: float = 120.0
+
+
+def require_tex_tools() -> None:
+    missing = [tool for tool in ("pdflatex", "gs") if shutil.which(tool) is None]
+    if missing:
+        raise UserError(f"rendering needs {' and '.join(missing)}, which are not installed; on Debian or Ubuntu: "
+                        f"apt-get install --no-install-recommends {TEX_PACKAGES}")
+
+
+def latex_error(log: str) -> str:
+    """The first `! ...` error line of a LaTeX log, with the line it points at."""
+    lines = log.splitlines()
+    for number, line in enumerate(lines):
+        if line.startswith("!"):
+            context = next((l.strip() for l in lines[number + 1: number + 4] if l.startswith("l.")), "")
+            return f"{line[1:].strip()} {context}".strip()
+    return "LaTeX failed without an error line"
+
+
+def finish_rendering(page: np.ndarray) -> np.ndarray | None:
+    """Crop a rendered page (uint8 gray, white paper) to its ink, pad 8 px of paper, halve; None when
+blank; ValueError when the ink reaches the page's edge."""
+    ink = page < 250
+    rows = np.flatnonzero(ink.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(ink[rows[0]: rows[-1] + 1].any(axis=0))
+    if rows[0] == 0 or cols[0] == 0 or rows[-1] == page.shape[0] - 1 or cols[-1] == page.shape[1] - 1:
+        raise ValueError("does not fit on the page")
+    ink = page[rows[0]: rows[-1] + 1, cols[0]: cols[-1] + 1]
+    padded = np.pad(ink, 8, constant_values=255)
+    return np.asarray(Image.fromarray(padded).reduce(2))
+
+
+SPACED_LENGTH = re.compile(r"(\\[hv]space\s*\*?\s*\{)([^{}]*)\}")
+
+
+def latex_source(formula: str) -> str:
+    r"""A normalized formula as LaTeX can compile it: normalization spaced out the units of
+    lengths (`\hspace { 1 c m }`), which LaTeX refuses; they are joined back."""
+    return SPACED_LENGTH.sub(lambda m: m.group(1) + m.group(2).replace(" ", "") + "}", formula)
+
+
+def render_document(formulas: Sequence[str], font: str, dpis: Sequence[int], folder: Path,
+                    timeout: float) -> tuple[list[dict[int, np.ndarray]] | None, str]:
+    """One LaTeX document, one formula per page: per formula {dpi: image}, or None and the error."""
+    import subprocess
+
+    body = "\n".join(f"\\[ {latex_source(formula)} \\]\n\\newpage" for formula in formulas)
+    (folder / "doc.tex").write_text(RENDER_DOCUMENT % (RENDER_FONTS[font], body))
+    latex = ["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "-no-shell-escape", "doc.tex"]
+    try:
+        done = subprocess.run(latex, cwd=folder, capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None, f"pdflatex took over {timeout:g} s"
+    if done.returncode != 0:
+        return None, latex_error(done.stdout.decode("utf-8", "replace"))
+    images: list[dict[int, np.ndarray]] = [{} for _ in formulas]
+    for dpi in dpis:
+        # Raw PGM pages: the same pixels as PNG, without compressing and decompressing them (4x faster).
+        ghostscript = ["gs", "-q", "-dSAFER", "-dBATCH", "-dNOPAUSE", "-sDEVICE=pgmraw", f"-r{dpi}",
+                       "-o", f"page-{dpi}-%05d.pgm", "doc.pdf"]
+        done = subprocess.run(ghostscript, cwd=folder, capture_output=True, timeout=timeout)
+        pages = sorted(folder.glob(f"page-{dpi}-*.pgm"))
+        if done.returncode != 0 or len(pages) != len(formulas):
+            return None, f"Ghostscript gave {len(pages)} pages for {len(formulas)} formulas"
+        for index, page in enumerate(pages):
+            try:
+                image = finish_rendering(np.asarray(Image.open(page)))
+            except ValueError as error:
+                return None, str(error)
+            if image is None:
+                return None, "renders as a blank page"
+            images[index][dpi] = image
+    return images, ""
+
+
+def render_batch(formulas: Sequence[str], font: str, settings: RenderSettings,
+                 failures: list[tuple[int, str]], start: int = 0) -> list[dict[int, np.ndarray] | None]:
+    """Render formulas[i] for every dpi; a failing document is split in half and each half retried,
+    so one bad formula costs a few extra runs, and it alone is reported (index, error)."""
+    with tempfile.TemporaryDirectory(prefix="latexocr-render-") as folder:
+        images, error = render_document(formulas, font, settings.dpis, Path(folder), settings.timeout)
+    if images is not None:
+        return images
+    if len(formulas) == 1:
+        failures.append((start, error))
+        return [None]
+    half = len(formulas) // 2
+    return (render_batch(formulas[:half], font, settings, failures, start)
+            + render_batch(formulas[half:], font, settings, failures, start + half))
+
+
+def render_formulas(formulas_path: Path, out: Path, split: str, settings: RenderSettings,
+                    workers: int, progress: bool) -> dict[str, Any]:
+    """Render every non-empty line of a formula file into `out/images/` and write `out/<split>.json`
+    (image name -> img_path, caption, caption_len) and `out/render_report.json` (formulas that did
+    not compile, with LaTeX's error)."""
+    from tqdm import tqdm
+
+    require_tex_tools()
+    if not formulas_path.is_file():
+        raise UserError(f"formula file not found: {formulas_path}")
+    if (out / f"{split}.json").exists():
+        raise UserError(f"{out / f'{split}.json'} already exists; choose another output folder or split name")
+    try:
+        lines = formulas_path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise UserError(f"formula file {formulas_path} is not UTF-8 text: {error}") from None
+    numbered = [(number, " ".join(line.split())) for number, line in enumerate(lines, 1) if line.split()]
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    jobs = [(font, numbered[start: start + settings.per_document])
+            for font in settings.fonts for start in range(0, len(numbered), settings.per_document)]
+    entries: dict[str, dict[str, Any]] = {}
+    failed: dict[int, dict[str, str]] = {}
+
+    def run(job) -> tuple[list[tuple[str, str]], list[dict[str, Any]]]:
+        """Render one document's formulas; (image name, formula) of each image written, and the failures."""
+        font, batch = job
+        failures: list[tuple[int, str]] = []
+        written = []
+        for (number, formula), renderings in zip(batch, render_batch([f for _, f in batch], font, settings, failures)):
+            for dpi, image in (renderings or {}).items():
+                name = f"{number:06d}_{font}_{dpi}.png"
+                Image.fromarray(image).save(out / "images" / name)
+                written.append((name, formula))
+        return written, [{"line": batch[i][0], "formula": batch[i][1], "font": font, "error": e} for i, e in failures]
+
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        for written, failures in tqdm(pool.map(run, jobs), total=len(jobs), disable=not progress,
+                                      desc="render", unit="document"):
+            for failure in failures:
+                failed.setdefault(failure["line"], failure)
+            for name, formula in written:
+                entries[name] = {"img_path": name, "caption": formula, "caption_len": len(formula.split())}
+    write_json_atomic(out / f"{split}.json", dict(sorted(entries.items())))
+    report = {"formulas": len(numbered), "rendered_formulas": len({name.split("_")[0] for name in entries}),
+              "images": len(entries), "failed_formulas": len(failed), "dpis": list(settings.dpis),
+              "fonts": list(settings.fonts), "failed": [failed[n] for n in sorted(failed)]}
+    write_json_atomic(out / "render_report.json", report)
+    return report
+
+
+# --- web page and JSON API ------------------------------------------------------------------------
+
+STATIC_DIR = MODULE_DIR / "static"
+
+
+MAX_BEAM_WIDTH = 10
+
+
+STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript", ".css": "text/css",
+                ".woff2": "font/woff2", ".png": "image/png"}
+
+
+class HTTPError(Exception):
+    """A request the service refuses: the HTTP status and a message for the JSON body."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class OCRService:
+    """The model behind `serve`: loaded and compiled once; requests are read and preprocessed
+    in parallel, and decode one at a time (they share the device and the jitted decoders)."""
+
+    def __init__(self, predictor: Predictor, max_bytes: int):
+        import threading
+
+        self.predictor, self.max_bytes = predictor, max_bytes
+        self.lock = threading.Lock()
+
+    def warm_up(self) -> None:
+        """Compile greedy decoding and the attention pass for every image bucket now, not on the first requests."""
+        data = self.predictor.data
+        for height in data.bucket_heights:
+            for width in data.bucket_widths:
+                blank = np.zeros((height, width), np.float32)
+                self.predictor.predict_images([blank], 1, batch_size=1)
+                self.predictor.attention_maps(blank, ["x"])
+
+    def canvases(self, body: bytes) -> list[np.ndarray]:
+        try:
+            return self.predictor.preprocess(decode_image(io.BytesIO(body), "upload"), "upload")
+        except UserError as error:
+            raise HTTPError(400, str(error)) from None
+
+    def predict(self, body: bytes, beam_width: int) -> dict[str, Any]:
+        variants = self.canvases(body)
+        start = time.perf_counter()
+        with self.lock:
+            [reading] = self.predictor.read_images([variants], beam_width, batch_size=1)
+        return {"latex": detokenize(reading.tokens), "tokens": reading.tokens, "score": round(reading.score, 4),
+                "sizes_read": reading.sizes_read, "seconds": round(time.perf_counter() - start, 4)}
+
+    def attention_png(self, body: bytes, beam_width: int, layer: int) -> bytes:
+        variants = self.canvases(body)
+        with self.lock:
+            [reading] = self.predictor.read_images([variants], beam_width, batch_size=1)
+            canvas = variants[reading.variant]
+            maps = self.predictor.attention_maps(canvas, reading.tokens, layer)
+        buffer = io.BytesIO()
+        attention_picture(canvas, reading.tokens, maps).save(buffer, "PNG")
+        return buffer.getvalue()
+
+    def health(self) -> dict[str, Any]:
+        cfg = self.predictor.model.cfg
+        return {"status": "ok", "parameters": count_params(self.predictor.params), "vocabulary": len(self.predictor.vocab),
+                "decoder_layers": cfg.decoder_layers, "max_beam_width": MAX_BEAM_WIDTH, "max_bytes": self.max_bytes,
+                "device": jax.devices()[0].platform}
+
+
+def request_options(query: dict[str, list[str]], fields: dict[str, str]) -> tuple[int, int]:
+    """(beam width, attention layer) from the query string or form fields: method greedy|beam, beam N, layer L."""
+    values = {**{k: v[-1] for k, v in query.items()}, **fields}
+    method = values.get("method", "beam" if "beam" in values else "greedy")
+    try:
+        width = int(values.get("beam", 5)) if method == "beam" else 1
+        layer = int(values.get("layer", -1))
+    except ValueError:
+        raise HTTPError(400, "beam and layer must be integers") from None
+    if method not in ("greedy", "beam"):
+        raise HTTPError(400, f"method must be 'greedy' or 'beam', not {method!r}")
+    if not 1 <= width <= MAX_BEAM_WIDTH:
+        raise HTTPError(400, f"beam must be between 1 and {MAX_BEAM_WIDTH}")
+    return width, layer
+
+
+def image_and_fields(content_type: str, body: bytes) -> tuple[bytes, dict[str, str]]:
+    """The image bytes and the text fields of a request: a multipart form (its file part, or the
+    part named `image`) or the raw body."""
+    if not content_type.startswith("multipart/form-data"):
+        return body, {}
+    from email.parser import BytesParser
+    from email.policy import HTTP
+
+    message = BytesParser(policy=HTTP).parsebytes(f"Content-Type: {content_type}\r\n\r\n".encode() + body)
+    if not message.is_multipart():
+        raise HTTPError(400, "malformed multipart body")
+    image, fields = None, {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        payload = part.get_payload(decode=True) or b""
+        if part.get_filename() is not None or name == "image":
+            image = payload if image is None else image
+        elif name:
+            fields[name] = payload.decode("utf-8", "replace")
+    if image is None:
+        raise HTTPError(400, "the form has no image file part")
+    return image, fields
+
+
+def make_handler(service: OCRService):
+    """The request handler class for `service` (http.server builds one handler per request)."""
+    from http.server import BaseHTTPRequestHandler
+    from urllib.parse import parse_qs, urlsplit
+
+    routes = {"/": "GET", "/api/health": "GET", "/api/predict": "POST", "/api/attention": "POST"}
+
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "latexocr"
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:
+            sys.stderr.write(f"[serve] {self.address_string()} {format % args}\n")
+
+        def send(self, status: int, body: bytes, content_type: str, **headers: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            for name, value in headers.items():
+                self.send_header(name.replace("_", "-"), value)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def send_json(self, status: int, value: dict[str, Any], **headers: str) -> None:
+            self.send(status, json.dumps(value, ensure_ascii=False).encode(), "application/json", **headers)
+
+        def answer(self, method: str) -> None:
+            url = urlsplit(self.path)
+            try:
+                if method == "GET" and url.path.startswith("/static/"):
+                    return self.static_file(url.path[len("/static/"):])
+                if url.path not in routes:
+                    raise HTTPError(404, f"no such path: {url.path}")
+                if routes[url.path] != method:
+                    self.close_connection = True  # a body sent with the wrong method is left unread
+                    return self.send_json(405, {"error": f"{url.path} takes {routes[url.path]}, not {method}"},
+                                          Allow=routes[url.path])
+                if url.path == "/":
+                    return self.static_file("index.html")
+                if url.path == "/api/health":
+                    return self.send_json(200, service.health())
+                image, fields = image_and_fields(self.headers.get("Content-Type", ""), self.read_body())
+                width, layer = request_options(parse_qs(url.query), fields)
+                if url.path == "/api/predict":
+                    return self.send_json(200, service.predict(image, width))
+                return self.send(200, service.attention_png(image, width, layer), "image/png")
+            except (HTTPError, UserError) as error:
+                # The body may be unread: the connection cannot carry another request.
+                self.close_connection = True
+                self.send_json(getattr(error, "status", 400), {"error": str(error)})
+
+        def read_body(self) -> bytes:
+            """The request body, refused unread (and the connection closed) when over the limit."""
+            length = self.headers.get("Content-Length")
+            if length is None or not length.isdigit():
+                raise HTTPError(411, "send the image with a Content-Length header")
+            if int(length) > service.max_bytes:
+                # Read and drop a moderately large body so the client sees the answer, not a reset.
+                remaining = int(length) if int(length) <= 8 * service.max_bytes else 0
+                while remaining > 0:
+                    chunk = self.rfile.read(min(1 << 16, remaining))
+                    remaining = remaining - len(chunk) if chunk else 0
+                raise HTTPError(413, f"request body of {int(length):,} bytes is over the {service.max_bytes:,} byte limit")
+            if int(length) == 0:
+                raise HTTPError(400, "empty body: send the image bytes or a multipart form with an image")
+            return self.rfile.read(int(length))
+
+        def static_file(self, name: str) -> None:
+            path = (STATIC_DIR / name).resolve()
+            if STATIC_DIR.resolve() not in path.parents or not path.is_file() or path.suffix not in STATIC_TYPES:
+                raise HTTPError(404, f"no such file: /static/{name}")
+            self.send(200, path.read_bytes(), STATIC_TYPES[path.suffix], Cache_Control="max-age=3600")
+
+        def do_GET(self) -> None:
+            self.answer("GET")
+
+        def do_POST(self) -> None:
+            self.answer("POST")
+
+        def do_PUT(self) -> None:
+            self.answer("PUT")
+
+        def do_DELETE(self) -> None:
+            self.answer("DELETE")
+
+        def do_PATCH(self) -> None:
+            self.answer("PATCH")
+
+    return Handler
+
+
+def make_server(service: OCRService, host: str, port: int):
+    """A threaded HTTP server for `service` on host:port (port 0: any free port)."""
+    from http.server import ThreadingHTTPServer
+
+    server = ThreadingHTTPServer((host, port), make_handler(service))
+    server.daemon_threads = True
+    return server
+
+
+# --- benchmark ------------------------------------------------------------------------------------
+
+def median_seconds(function, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def timed_predict_process(image: Path, checkpoint: str, cache_dir: str) -> tuple[float, float]:
+    """Wall seconds from process start to the printed answer of a one-image `predict`, and the
+    process's peak resident memory in MB."""
+    import subprocess
+
+    env = {**os.environ, "LATEXOCR_CACHE_DIR": cache_dir}
+    with tempfile.TemporaryFile() as errors:
+        start = time.perf_counter()
+        process = subprocess.Popen([sys.executable, str(MODULE_DIR / "latexocr.py"), "predict", str(image),
+                                    "--checkpoint", checkpoint], stdout=subprocess.DEVNULL, stderr=errors, env=env)
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - start
+        process.returncode = os.waitstatus_to_exitcode(status)
+        if process.returncode != 0:
+            errors.seek(0)
+            raise UserError(f"bench: predict of {image} failed: {errors.read().decode(errors='replace').strip()}")
+    # ru_maxrss is in kilobytes on Linux.
+    return seconds, usage.ru_maxrss / 1024
+
+
+BENCH_TARGETS = {  # for the `small` model on a 2-core CPU: (direction, value)
+    "cold_predict_warm_cache_s": ("<=", 3.0), "greedy_ms": ("<=", 100.0), "beam5_ms": ("<=", 500.0),
+    "predict_peak_rss_mb": ("<=", 500.0), "kv_cache_speedup": (">=", 5.0),
+}
+
+
+class UncachedDecoder:
+    """Greedy decoding as the original project did it, for `bench` to compare with: every step
+    re-runs the decoder over the whole prefix instead of reading a KV cache (the image is still
+    encoded once). Prefix lengths are rounded up to a power of two, at least 16, so that only a
+    few shapes compile."""
+
+    def __init__(self, predictor: Predictor):
+        model = predictor.model
+        self.predictor = predictor
+        self.cross_kv = jax.jit(lambda p, images: encode_for_decoding(model, p, images))
+        self.prefix_logits = jax.jit(
+            lambda p, tokens, cross_kv: model.apply({"params": p}, tokens, cross_kv, method=LatexOCR.decode))
+
+    def __call__(self, images: np.ndarray) -> list[list[str]]:
+        params = self.predictor.params
+        cross_kv = self.cross_kv(params, jnp.asarray(images))
+        length = self.predictor.model.cfg.max_seq_len
+        tokens = np.full((images.shape[0], length), PAD_ID, np.int32)
+        tokens[:, 0] = SOS_ID
+        done = np.zeros(images.shape[0], bool)
+        for position in range(length - 1):
+            width = min(length, max(16, 1 << position.bit_length()))
+            logits = self.prefix_logits(params, jnp.asarray(tokens[:, :width]), cross_kv)
+            next_token = np.where(done, PAD_ID, np.asarray(jnp.argmax(logits[:, position], -1)))
+            tokens[:, position + 1] = next_token
+            done |= next_token == EOS_ID
+            if done.all():
+                break
+        return [self.predictor.vocab.decode(row) for row in tokens]
+
+
+def bench(predictor: Predictor, checkpoint: str, images: list[Path], repeats: int, long_images: int,
+          progress: bool) -> dict[str, Any]:
+    """Speed and memory of decoding with one model on the given images (see `command_bench`)."""
+    import resource
+    from tqdm import tqdm
+
+    def each(items, desc):
+        return tqdm(items, desc=desc, disable=not progress, leave=False)
+
+    results: dict[str, Any] = {"images": len(images), "device": jax.devices()[0].device_kind,
+                               "params": count_params(predictor.params)}
+    with tempfile.TemporaryDirectory() as scratch:
+        # Each repeat compiles into an empty cache directory, then reads it back in a new process.
+        runs = [(timed_predict_process(images[0], checkpoint, str(Path(scratch) / str(run))),
+                 timed_predict_process(images[0], checkpoint, str(Path(scratch) / str(run))))
+                for run in each(range(repeats), "cold predict")]
+    (cold, cold_rss), (warm, warm_rss) = (np.median([run[i] for run in runs], axis=0) for i in (0, 1))
+    results.update(cold_predict_empty_cache_s=float(cold), cold_predict_empty_cache_rss_mb=float(cold_rss),
+                   cold_predict_warm_cache_s=float(warm), predict_peak_rss_mb=float(warm_rss))
+
+    start = time.perf_counter()
+    variants = [predictor.preprocess(open_image(path), str(path)) for path in images]
+    results["preprocess_ms"] = 1000 * (time.perf_counter() - start) / len(images)
+    encode = jax.jit(lambda p, x: encode_for_decoding(predictor.model, p, x))
+    sizes_read = []
+    for canvases in each(variants, "compiling"):  # every shape used, once per decoder
+        for canvas in canvases:
+            jax.block_until_ready(encode(predictor.params, canvas[None, ..., None]))
+        sizes_read.append(predictor.read_images([canvases], 1, batch_size=1)[0].sizes_read)
+        predictor.read_images([canvases], 5, batch_size=1)
+    results["sizes_read_mean"] = float(np.mean(sizes_read))
+    per_image = {"encoder": [], "greedy": [], "beam5": []}
+    lengths = []
+    for canvases in each(variants, "batch 1"):
+        first = canvases[0][None, ..., None]
+        per_image["encoder"].append(median_seconds(
+            lambda: jax.block_until_ready(encode(predictor.params, first)), repeats))
+        per_image["greedy"].append(median_seconds(lambda: predictor.read_images([canvases], 1, batch_size=1), repeats))
+        per_image["beam5"].append(median_seconds(lambda: predictor.read_images([canvases], 5, batch_size=1), repeats))
+        lengths.append(len(predictor.decode_batch(first, 1)[0][0]))
+    results.update({f"{name}_ms": 1000 * float(np.median(times)) for name, times in per_image.items()})
+    results["greedy_tokens_median"] = float(np.median(lengths))
+
+    predictor.read_images(variants, batch_size=32)
+    seconds = median_seconds(lambda: predictor.read_images(variants, batch_size=32), repeats)
+    results["throughput_batch32_images_per_s"] = len(variants) / seconds
+
+    batch_of_one = [canvases[0][None, ..., None] for canvases in variants]
+    long = [image for image, length in zip(batch_of_one, lengths) if length >= 100][:long_images]
+    results["long_images"] = len(long)
+    if long:
+        uncached_decode = UncachedDecoder(predictor)
+        for image in long:
+            uncached_decode(image)
+        cached = [median_seconds(lambda: predictor.decode_batch(image, 1), repeats) for image in each(long, "cached")]
+        uncached = [median_seconds(lambda: uncached_decode(image), repeats)
+                    for image in each(long, "no cache")]
+        results.update(long_cached_ms=1000 * float(np.median(cached)), long_uncached_ms=1000 * float(np.median(uncached)),
+                       kv_cache_speedup=float(np.median(np.array(uncached) / np.array(cached))))
+    results["bench_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return results
+
+
+BENCH_ROWS = [
+    ("cold_predict_empty_cache_s", "cold predict, 1 image, empty compile cache", "{:.2f} s"),
+    ("cold_predict_empty_cache_rss_mb", "  its peak resident memory", "{:.0f} MB"),
+    ("cold_predict_warm_cache_s", "cold predict, 1 image, warm compile cache", "{:.2f} s"),
+    ("predict_peak_rss_mb", "  its peak resident memory", "{:.0f} MB"),
+    ("preprocess_ms", "image preprocessing per image", "{:.1f} ms"),
+    ("sizes_read_mean", "sizes each image is read at, greedy (mean)", "{:.2f}"),
+    ("greedy_ms", "greedy, batch 1, per image (warm)", "{:.1f} ms"),
+    ("encoder_ms", "  encoder, once", "{:.1f} ms"),
+    ("greedy_tokens_median", "  tokens per answer (as preprocessed)", "{:.0f}"),
+    ("beam5_ms", "beam 5, batch 1, per image (warm)", "{:.1f} ms"),
+    ("throughput_batch32_images_per_s", "greedy, batch 32, throughput", "{:.1f} images/s"),
+    ("long_uncached_ms", "greedy without KV cache, 100+ token answers", "{:.1f} ms"),
+    ("long_cached_ms", "greedy with KV cache, same images", "{:.1f} ms"),
+    ("kv_cache_speedup", "KV cache speed-up (median of per-image ratios)", "{:.1f}x"),
+    ("bench_peak_rss_mb", "peak resident memory of this benchmark", "{:.0f} MB"),
+]
+
+
+def format_bench(results: dict[str, Any]) -> str:
+    lines = [f"{results['images']} images, {results['params'] / 1e6:.1f} M parameters, {results['device']}",
+             f"{'measure':<48} {'median':>14}  target (small, 2-core CPU)"]
+    for key, label, fmt in BENCH_ROWS:
+        if key not in results:
+            continue
+        target = ""
+        if key in BENCH_TARGETS:
+            direction, value = BENCH_TARGETS[key]
+            met = results[key] <= value if direction == "<=" else results[key] >= value
+            target = f"{direction} {value:g}  {'met' if met else 'missed'}"
+        lines.append(f"{label:<48} {fmt.format(results[key]):>14}  {target}")
+    return "\n".join(lines)
+
+
+# --- commands -------------------------------------------------------------------------------------
+
+def command_prepare(args, config: Config) -> int:
+    out = Path(args.out)
+    if args.csv:
+        csv_paths = {}
+        for item in args.csv:
+            split, sep, path = item.partition("=")
+            if not sep or split not in SPLITS:
+                raise UserError(f"--csv expects split=path with split in {', '.join(SPLITS)}, got {item!r}")
+            if not Path(path).is_file():
+                raise UserError(f"CSV file not found: {path}")
+            csv_paths[split] = Path(path)
+        if not args.images:
+            raise UserError("--csv needs --images, the folder holding the images")
+        pairs, images = pairs_from_csv(csv_paths), Path(args.images)
+    else:
+        if not args.root:
+            raise UserError("give --root (original IM2LATEX-100K layout) or --csv split=file.csv")
+        root = Path(args.root)
+        if not root.is_dir():
+            raise UserError(f"folder not found: {root}")
+        if is_gg_layout(root):
+            pairs, images = pairs_from_gg_layout(root), root
+        else:
+            formulas, lists, images = find_original_layout(root)
+            pairs = pairs_from_original(formulas, lists)
+        if args.images:
+            images = Path(args.images)
+    if not images.is_dir():
+        raise UserError(f"image folder not found: {images}")
+    report = prepare(pairs, images, out, args.copy_images)
+    for split, counts in report.items():
+        print(f"{split}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    base = out / "images" if args.copy_images else images
+    print(f"wrote {out}/<split>.json; set data.image_base_dir={base} (details: {out}/prepare_report.json)")
+    return 0
+
+
+def command_render(args, config: Config) -> int:
+    try:
+        dpis = tuple(int(d) for d in args.dpi.split(","))
+    except ValueError:
+        raise UserError(f"--dpi expects whole numbers separated by commas, got {args.dpi!r}") from None
+    fonts = tuple(f.strip() for f in args.fonts.split(","))
+    if not dpis or min(dpis) < 30 or max(dpis) > 1200:
+        raise UserError("--dpi values must be between 30 and 1200")
+    if not set(fonts) <= set(RENDER_FONTS):
+        raise UserError(f"--fonts must name some of {', '.join(RENDER_FONTS)}, got {args.fonts!r}")
+    if args.per_document < 1 or args.workers < 1:
+        raise UserError("--per-document and --workers must be at least 1")
+    settings = RenderSettings(dpis=dpis, fonts=fonts, per_document=args.per_document)
+    out = Path(args.out)
+    report = render_formulas(Path(args.formulas), out, args.split, settings, args.workers, not args.quiet)
+    print(f"{report['rendered_formulas']} of {report['formulas']} formulas rendered into {report['images']} images "
+          f"in {out / 'images'}; {report['failed_formulas']} did not compile (listed in {out / 'render_report.json'}); "
+          f"wrote {out / (args.split + '.json')}: use it with --set data.image_base_dir={out / 'images'}")
+    return 0
+
+
+def command_combine(args, config: Config) -> int:
+    sources = []
+    for item in args.add:
+        path, sep, images = item.partition("=")
+        if not sep or not images:
+            raise UserError(f"--add expects SPLIT.json=IMAGE_FOLDER, got {item!r}")
+        if not resolve_path(images).is_dir():
+            raise UserError(f"image folder not found: {images} (in --add {item})")
+        sources.append((path, resolve_path(images)))
+    if args.holdout < 0:
+        raise UserError("--holdout must be >= 0")
+    if args.holdout and args.holdout_from not in [path for path, _ in sources]:
+        raise UserError("--holdout-from must name one of the --add split files")
+    out = Path(args.out)
+    if (out / "train.json").exists():
+        raise UserError(f"{out / 'train.json'} exists; choose another output folder")
+    if args.max_tokens < 0:
+        raise UserError("--max-tokens must be >= 0 (0 keeps every length)")
+    train, validate, counts = combine_splits(sources, excluded_formulas(args.exclude), args.holdout,
+                                             args.holdout_from or "", args.seed, args.max_tokens)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "train.json", train)
+    if args.holdout:
+        write_json_atomic(out / "validate.json", validate)
+    write_json_atomic(out / "combine_report.json", counts)
+    print(", ".join(f"{k} {v}" for k, v in counts.items()) + f"; wrote {out}/train.json"
+          + (f" and {out}/validate.json" if args.holdout else "") + " (image paths are absolute)")
+    return 0
+
+
+def command_serve(args, config: Config) -> int:
+    if not 0 <= args.port < 65536 or args.max_mb <= 0:
+        raise UserError("--port must be 0..65535 and --max-mb positive")
+    evaluation = config.evaluation
+    predictor = load_predictor(args.checkpoint or evaluation.checkpoint_path, evaluation.length_penalty,
+                               evaluation.size_factors, evaluation.confident_score)
+    service = OCRService(predictor, int(args.max_mb * 1024 * 1024))
+    print("latexocr: compiling the decoder for every image bucket...", file=sys.stderr)
+    service.warm_up()
+    try:
+        server = make_server(service, args.host, args.port)
+    except OSError as error:
+        raise UserError(f"cannot listen on {args.host}:{args.port}: {error.strerror or error}") from None
+    host, port = server.server_address[:2]
+    print(f"latexocr: serving http://{host}:{port}/ (Ctrl-C stops)", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+    return 0
+
+
+def command_bench(args, config: Config) -> int:
+    if args.images < 1 or args.repeats < 1 or args.long_images < 0:
+        raise UserError("--images and --repeats must be at least 1, --long-images at least 0")
+    evaluation = config.evaluation
+    checkpoint = args.checkpoint or evaluation.checkpoint_path
+    predictor = load_predictor(checkpoint, evaluation.length_penalty, evaluation.size_factors,
+                               evaluation.confident_score)
+    paths = dataclasses.replace(predictor.data, image_base_dir=config.data.image_base_dir)
+    examples, _ = load_split(config.data.test_split, paths, predictor.vocab)
+    if not examples:
+        raise UserError(f"no usable images in {config.data.test_split}")
+    images = [example.image_path for example in examples[: args.images]]
+    results = bench(predictor, str(find_checkpoint_dir(checkpoint)), images, args.repeats, args.long_images,
+                    progress=not args.quiet)
+    print(json.dumps(results) if args.json else format_bench(results))
+    return 0
+
+
+def command_normalize(args, config: Config) -> int:
     if args.check:
         formulas = [" ".join(line.split()) for line in read_raw_formulas(Path(args.check))]
         identical, canonical, failures = check_round_trip(formulas)
         print(f"written as a person would and normalized back, {len(formulas)} formulas: {100 * identical:.2f} % "
               f"come back identical, {100 * canonical:.2f} % as the normalizer writes the formula itself")
         if args.report:
-            L.write_json_atomic(Path(args.report), failures)
+            write_json_atomic(Path(args.report), failures)
         return 0
     if not args.source or not args.out:
-        raise L.UserError("normalize needs a source and an output file (or --check FILE)")
+        raise UserError("normalize needs a source and an output file (or --check FILE)")
     out = Path(args.out)
     if out.exists():
-        raise L.UserError(f"{out} already exists; choose another output file")
+        raise UserError(f"{out} already exists; choose another output file")
     vocab = L.load_vocabulary(args.vocab)
     sources = read_raw_formulas(Path(args.source))
-    kept, report = normalize_formulas(sources, vocab, L.excluded_formulas(args.exclude), args.max_tokens)
+    kept, report = normalize_formulas(sources, vocab, excluded_formulas(args.exclude), args.max_tokens)
     out.parent.mkdir(parents=True, exist_ok=True)
     temporary = out.with_name(out.name + ".tmp")
     temporary.write_text("".join(f + "\n" for f in kept), encoding="utf-8")
     temporary.replace(out)
     report_path = Path(args.report) if args.report else out.with_name(out.stem + "_report.json")
-    L.write_json_atomic(report_path, report)
+    write_json_atomic(report_path, report)
     print(f"kept {report['kept']} of {report['formulas']} formulas in {out}; dropped: "
           + ", ".join(f"{n} {reason}" for reason, n in report["dropped"].items()) + f" (details: {report_path})")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="latexocr_tools", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(required=True, metavar="command")
-    normalize = commands.add_parser("normalize", help="raw LaTeX formulas -> IM2LATEX-normalized, one a line")
-    normalize.add_argument("source", nargs="?", help="a JSON object of id -> formula, or a text file, one a line")
-    normalize.add_argument("out", nargs="?", help="the normalized formulas, one a line (never overwritten)")
-    normalize.add_argument("--vocab", default=str(L.MODULE_DIR / "data" / "model" / "vocab.json"),
+    parser, add = L.command_parser("latexocr_tools.py", __doc__.split("\n\n")[0])
+    sub = add("prepare", "convert IM2LATEX-100K (original or gg_processed layout, or formula,image CSV) "
+                         "to split JSON files")
+    sub.add_argument("--root", help="folder with im2latex_formulas.norm.lst, split lists and an image folder, "
+                                    "or the gg_processed layout (<split>.formulas.norm.txt, <split>.matching.txt, "
+                                    "images_<split>/)")
+    sub.add_argument("--csv", action="append", default=[], metavar="SPLIT=FILE",
+                     help="a formula,image CSV for one split (repeatable)")
+    sub.add_argument("--images", help="image folder (overrides the one found under --root)")
+    sub.add_argument("--out", required=True, help="output folder for train/validate/test.json")
+    sub.add_argument("--copy-images", action="store_true", help="copy the images into OUT/images")
+    sub.set_defaults(run=command_prepare)
+
+    sub = add("combine", "merge split files into one train split, leaving out test formulas and holding "
+                         "some formulas out for validation")
+    sub.add_argument("out", help="output folder: train.json, validate.json, combine_report.json")
+    sub.add_argument("--add", action="append", default=[], required=True, metavar="SPLIT.json=IMAGES",
+                     help="a split file and the folder its img_paths are relative to (repeatable)")
+    sub.add_argument("--exclude", action="append", default=[], metavar="FILE",
+                     help="leave out every formula of this split JSON or text file (one a line; repeatable)")
+    sub.add_argument("--holdout", type=int, default=0, help="distinct formulas to hold out for validation")
+    sub.add_argument("--holdout-from", help="the --add split file whose images validate (real images, say)")
+    sub.add_argument("--seed", type=int, default=0, help="which formulas are held out (default 0)")
+    sub.add_argument("--max-tokens", type=int, default=0,
+                     help="keep only training captions of at most N tokens (validate.json is unchanged)")
+    sub.set_defaults(run=command_combine)
+
+    sub = add("normalize", "raw LaTeX formulas -> IM2LATEX-normalized, one a line, ready for render")
+    sub.add_argument("source", nargs="?", help="a JSON object of id -> formula, or a text file, one a line")
+    sub.add_argument("out", nargs="?", help="the normalized formulas, one a line (never overwritten)")
+    sub.add_argument("--vocab", default=str(L.MODULE_DIR / "data" / "model" / "vocab.json"),
                            help="formulas with a token outside this vocabulary are dropped")
-    normalize.add_argument("--exclude", action="append", default=[],
+    sub.add_argument("--exclude", action="append", default=[],
                            help="a split file or formula file whose formulas are dropped (repeatable)")
-    normalize.add_argument("--max-tokens", type=int, default=150)
-    normalize.add_argument("--report", help="where the counts go (default: <out stem>_report.json)")
-    normalize.add_argument("--check", metavar="FILE",
+    sub.add_argument("--max-tokens", type=int, default=150)
+    sub.add_argument("--report", help="where the counts go (default: <out stem>_report.json)")
+    sub.add_argument("--check", metavar="FILE",
                            help="instead: write each normalized formula of FILE as a person would, normalize it "
                                 "back, and report the share that comes back identical")
-    normalize.set_defaults(run=command_normalize)
+    sub.set_defaults(run=command_normalize)
+
+    sub = add("render", "render a file of normalized formulas (one a line) into training images and a split JSON")
+    sub.add_argument("formulas", help="text file, one space-separated normalized formula a line")
+    sub.add_argument("out", help="output folder: images/, <split>.json, render_report.json")
+    sub.add_argument("--split", default="train", help="name of the split file to write (default train)")
+    sub.add_argument("--dpi", default="200", metavar="D[,D...]",
+                     help="render each formula at these resolutions, e.g. 160,200,250 (default 200, IM2LATEX-100K's)")
+    sub.add_argument("--fonts", default="cm", metavar="F[,F...]",
+                     help=f"math fonts, each a rendering of its own: {', '.join(RENDER_FONTS)} (default cm)")
+    sub.add_argument("--per-document", type=int, default=32, help="formulas per LaTeX document (default 32)")
+    sub.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="documents rendered at once")
+    sub.add_argument("--quiet", action="store_true", help="no progress bar")
+    sub.set_defaults(run=command_render)
+
+    sub = add("serve", "web page and JSON API: upload an image, get its LaTeX")
+    sub.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    sub.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    sub.add_argument("--checkpoint", help="run or checkpoint directory (default: evaluation.checkpoint_path)")
+    sub.add_argument("--max-mb", type=float, default=10.0, help="largest request body in MB (default 10)")
+    sub.set_defaults(run=command_serve)
+
+    sub = add("bench", "time and measure decoding on the test split's images (default: the shipped model)")
+    sub.add_argument("--checkpoint", help="run or checkpoint directory (default: evaluation.checkpoint_path)")
+    sub.add_argument("--images", type=int, default=100, help="how many test images (default 100)")
+    sub.add_argument("--repeats", type=int, default=3,
+                     help="runs of each timing, and of each cold start (default 3); medians are reported")
+    sub.add_argument("--long-images", type=int, default=10,
+                     help="images with 100+ token answers to time with and without the KV cache (default 10)")
+    sub.add_argument("--json", action="store_true", help="print the numbers as JSON instead of a table")
+    sub.add_argument("--quiet", action="store_true", help="no progress bar")
+    sub.set_defaults(run=command_bench)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.run(args)
-    except L.UserError as error:
-        print(f"latexocr_tools: error: {error}", file=sys.stderr)
-        return 2
+    return L.run_command(build_parser(), argv)
 
 
 if __name__ == "__main__":

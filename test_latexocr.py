@@ -1,7 +1,6 @@
-"""Tests for latexocr.py: run with `python -m pytest -q test_latexocr.py`."""
+"""Tests of the core, latexocr.py; shared fixtures are in conftest.py."""
 
 import collections
-import concurrent.futures
 import dataclasses
 import io
 import json
@@ -11,8 +10,6 @@ import re
 import shutil
 import time
 from pathlib import Path
-
-os.environ.setdefault("LATEXOCR_CACHE_DIR", "")  # tests compile with optimizations off; do not cache those
 
 import jax
 import hypothesis
@@ -24,56 +21,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 import latexocr as L
-
-jax.config.update("jax_disable_most_optimizations", True)
-
-ROOT = Path(__file__).resolve().parent
-DATA = ROOT / "data"
-SHARED = ROOT.parent / "shared" / "data" / "im2latex100k"
-OVERFIT_STEPS = 300
-
-
-def tiny_overrides(run_dir, split, **training):
-    return {
-        "data": {"train_split": str(split), "validate_split": str(split), "image_base_dir": str(DATA / "images")},
-        "model": {"size": "tiny", "dropout": 0.0},
-        "training": {"checkpoint_dir": str(run_dir), "batch_size": 8, "lr": 3e-3, "warmup_steps": 10,
-                     "label_smoothing": 0.0, "augment": False, "val_samples": 8, **training},
-    }
-
-
-def run_main(argv, capsys):
-    code = L.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-@pytest.fixture(scope="module")
-def vocab():
-    return L.load_vocabulary(DATA / "vocab.json")
-
-
-@pytest.fixture(scope="module")
-def eight_examples(tmp_path_factory):
-    """Eight real training images of one bucket shape, written as their own split file."""
-    data = L.DataConfig(image_base_dir=str(DATA / "images"))
-    entries = json.loads((DATA / "train.json").read_text())
-    examples, _ = L.load_split(DATA / "train.json", data, L.load_vocabulary(DATA / "vocab.json"))
-    dataset = L.Dataset(examples, data)
-    members = dataset.groups()[(32, 256, 48)][:8]
-    split = tmp_path_factory.mktemp("split") / "eight.json"
-    split.write_text(json.dumps({dataset.examples[i].name: entries[dataset.examples[i].name] for i in members}))
-    return split
-
-
-@pytest.fixture(scope="module")
-def overfit_run(tmp_path_factory, eight_examples):
-    """A tiny model trained through `train` until it has memorised eight real images."""
-    run_dir = tmp_path_factory.mktemp("overfit") / "run"
-    config = L.apply_overrides(L.Config(), tiny_overrides(
-        run_dir, eight_examples, total_steps=OVERFIT_STEPS, eval_every=OVERFIT_STEPS))
-    summary = L.train(config, progress=False)
-    return run_dir, summary
+from conftest import DATA, OVERFIT_STEPS, ROOT, cli_overrides, png_declaring, run_cli, run_main, tiny_overrides
 
 
 # --- config -------------------------------------------------------------------------------------
@@ -344,13 +292,6 @@ def test_epoch_batches_are_full_same_shape_and_reproducible(vocab):
 
 # --- models and decoding ------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny_model(vocab):
-    cfg = L.model_config(L.load_config(None, ["model.size=tiny"]), len(vocab))
-    model = L.LatexOCR(cfg)
-    return model, L.init_params(model, 0)
-
-
 def test_cached_decoding_equals_full_causal_forward(tiny_model):
     model, params = tiny_model
     rng = np.random.default_rng(0)
@@ -398,17 +339,6 @@ def test_beam_scores_hold_across_cache_segments(tiny_model):
     tokens, scores = jax.jit(lambda x: L.beam_search(model, params, x, 2, 0.7))(images)
     for image, row, score in zip(images, np.asarray(tokens), np.asarray(scores)):
         assert teacher_forced_score(model, params, image, row) == pytest.approx(float(score), abs=1e-4)
-
-
-@pytest.fixture(scope="module")
-def ending_model(tiny_model):
-    """The random tiny model with <EOS> made likelier, so that its sequences end within the 32
-    positions it is cut to (to keep it quick)."""
-    model, params = tiny_model
-    head = {**params["head"], "bias": params["head"]["bias"].at[L.EOS_ID].add(3.0)}
-    short = L.LatexOCR(dataclasses.replace(model.cfg, max_seq_len=32))
-    images = jnp.asarray(np.random.default_rng(0).random((8, 32, 128, 1), np.float32))
-    return short, {**params, "head": head, "position_embed": params["position_embed"][:32]}, images
 
 
 @pytest.fixture(scope="module")
@@ -486,12 +416,6 @@ def test_sampling_follows_the_model_distribution(ending_model, decoders):
         assert expected == pytest.approx(float(log_prob[0]), abs=1e-3)
     cold, _ = sample(jax.random.PRNGKey(2), 1e-3)
     np.testing.assert_array_equal(cold[:1], greedy(images[:1])[0])
-
-
-def test_uncached_reference_decoder_agrees_with_cached_greedy(ending_model):
-    model, params, images = ending_model
-    predictor = L.Predictor(model, params, L.load_vocabulary(DATA / "vocab.json"), L.DataConfig())
-    assert predictor.decode_batch_uncached(np.asarray(images[:3])) == predictor.decode_batch(np.asarray(images[:3]))[0]
 
 
 # --- metrics (hand-worked) ----------------------------------------------------------------------
@@ -750,203 +674,6 @@ def test_bf16_compute_trains_with_float32_parameters(vocab):
     assert {x.dtype for x in jax.tree.leaves(new_params)} == {np.dtype("float32")}
 
 
-# --- prepare ------------------------------------------------------------------------------------
-
-@pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/data/im2latex100k")
-def test_prepare_original_layout_counts_what_it_skips(tmp_path, capsys):
-    sample = SHARED / "harvardnlp_sample"
-    root = tmp_path / "im2latex"
-    (root / "formula_images_processed").mkdir(parents=True)
-    lines = [line for line in (sample / "train_filter.lst").read_text().splitlines() if int(line.split()[1]) < 40]
-    formulas = (sample / "formulas.norm.lst").read_text().splitlines()[:40]
-    blanked = int(lines[3].split()[1])
-    formulas[blanked] = "   "
-    (root / "im2latex_formulas.norm.lst").write_text("\n".join(formulas) + "\n")
-    index = lines[0].split()[1]
-    extra = [f"nothere.png {index}", "late.png 999", f"text.png {index}", lines[1]]  # lines[1]: listed twice
-    (root / "im2latex_train_filter.lst").write_text("\n".join(lines + extra) + "\n")
-    for line in lines:
-        shutil.copy(sample / "images_processed" / line.split()[0], root / "formula_images_processed")
-    (root / "formula_images_processed" / "text.png").write_text("not an image")
-    code, out, _ = run_main(["prepare", "--root", root, "--out", tmp_path / "out"], capsys)
-    assert code == 0
-    written = json.loads((tmp_path / "out" / "train.json").read_text())
-    empty_lines = sum(int(line.split()[1]) == blanked for line in lines)
-    assert len(written) == len(lines) - empty_lines
-    report = json.loads((tmp_path / "out" / "prepare_report.json").read_text())["counts"]["train"]
-    assert report == {"written": len(written), "empty formula": empty_lines, "image missing": 1,
-                      "formula index out of range": 1, "not an image Pillow reads": 1,
-                      "duplicate image name": 1}
-    name, entry = next(iter(written.items()))
-    assert entry["img_path"] == name and entry["caption_len"] == len(entry["caption"].split())
-    assert "image missing 1" in out
-
-
-def test_split_lists_of_both_layouts_are_read(tmp_path):
-    filtered, raw, bad = tmp_path / "filtered.lst", tmp_path / "raw.lst", tmp_path / "bad.lst"
-    filtered.write_text("60ee748793.png 0\n1015942522.png 7\n")
-    raw.write_text("1 60ee748793 basic\n5 1015942522 basic\n")
-    bad.write_text("60ee748793.png\n")
-    assert L.read_split_list(filtered) == [("60ee748793.png", 0), ("1015942522.png", 7)]
-    assert L.read_split_list(raw) == [("60ee748793.png", 1), ("1015942522.png", 5)]
-    with pytest.raises(L.UserError, match="bad.lst:1"):
-        L.read_split_list(bad)
-
-
-def test_prepare_csv_export(tmp_path, capsys):
-    entries = list(json.loads((DATA / "validate.json").read_text()).items())[:5]
-    rows = ["formula,image"] + [f'"{e["caption"]}",{name}' for name, e in entries] + ['"x + y",missing.png']
-    (tmp_path / "val.csv").write_text("\n".join(rows) + "\n")
-    code, out, _ = run_main(["prepare", "--csv", f"validate={tmp_path / 'val.csv'}", "--images", DATA / "images",
-                             "--out", tmp_path / "out", "--copy-images"], capsys)
-    assert code == 0 and "written 5" in out and "image missing 1" in out
-    written = json.loads((tmp_path / "out" / "validate.json").read_text())
-    assert written == {name: e for name, e in entries}
-    assert len(list((tmp_path / "out" / "images").iterdir())) == 5
-
-
-def test_prepare_gg_processed_layout(tmp_path, capsys):
-    """Per-split formula and matching files; image paths keep their images_<split>/ folder."""
-    entries = list(json.loads((DATA / "validate.json").read_text()).values())[:4]
-    root = tmp_path / "gg"
-    for stem, chosen in (("val", entries[:3]), ("test", entries[3:])):
-        (root / f"images_{stem}").mkdir(parents=True)
-        for number, entry in enumerate(chosen):
-            shutil.copy(DATA / "images" / entry["img_path"], root / f"images_{stem}" / f"{number}.png")
-        (root / f"{stem}.formulas.norm.txt").write_text("".join(e["caption"] + "\n" for e in chosen))
-        (root / f"{stem}.matching.txt").write_text("".join(f"{i}.png {i}\n" for i in range(len(chosen))))
-    (root / "train.matching.txt").write_text("0.png 0\n")  # its formulas file is not public: left out
-    code, out, _ = run_main(["prepare", "--root", root, "--out", tmp_path / "out"], capsys)
-    assert code == 0 and "validate: written 3" in out and "test: written 1" in out and "train" not in out
-    validate = json.loads((tmp_path / "out" / "validate.json").read_text())
-    assert validate["images_val/2.png"] == {"img_path": "images_val/2.png", "caption": entries[2]["caption"],
-                                            "caption_len": entries[2]["caption_len"]}
-
-
-def test_combine_leaves_out_test_formulas_and_holds_out_validation_formulas(tmp_path, capsys):
-    """Two sources share formulas: an excluded formula leaves both; a held-out formula gives one
-    validation entry (from --holdout-from) and leaves the train split everywhere."""
-    def split(names_captions):
-        return {name: {"img_path": f"{name}.png", "caption": caption, "caption_len": len(caption.split())}
-                for name, caption in names_captions}
-    formulas = [f"x _ {i}" for i in range(6)]
-    real = tmp_path / "real.json"
-    real.write_text(json.dumps(split([(f"r{i}", f) for i, f in enumerate(formulas)])))
-    rendered = tmp_path / "rendered.json"
-    rendered.write_text(json.dumps(split([(f"a{i}", f) for i, f in enumerate(formulas)]
-                                         + [(f"b{i}", "  " + f) for i, f in enumerate(formulas)])))
-    (tmp_path / "test.txt").write_text("x _ 0\nx  _ 1\n")
-    (tmp_path / "renders").mkdir()
-    code, out, _ = run_main(["combine", tmp_path / "out", "--add", f"{real}={tmp_path}", "--add",
-                             f"{rendered}={tmp_path / 'renders'}", "--exclude", tmp_path / "test.txt",
-                             "--holdout", 2, "--holdout-from", real], capsys)
-    assert code == 0, out
-    train = json.loads((tmp_path / "out" / "train.json").read_text())
-    validate = json.loads((tmp_path / "out" / "validate.json").read_text())
-    held = {e["caption"] for e in validate.values()}
-    assert len(held) == 2 and held <= set(formulas[2:]) and all(name.startswith("1-r") for name in validate)
-    assert {e["caption"] for e in train.values()} == set(formulas[2:]) - held
-    assert len(train) == 3 * 2  # each kept formula: its real image and two renderings (caption re-spaced)
-    assert all(Path(e["img_path"]).is_absolute() for e in train.values())
-    report = json.loads((tmp_path / "out" / "combine_report.json").read_text())
-    assert report == {"train": 6, "validate": 2, "excluded formula": 6, "other entry of a validation formula": 4}
-    code, _, err = run_main(["combine", tmp_path / "out", "--add", f"{real}={tmp_path}"], capsys)
-    assert code == 2 and "exists" in err
-
-
-def test_combine_max_tokens_keeps_short_training_captions_and_the_same_validation(tmp_path, capsys):
-    formulas = [" ".join("x" * n) for n in range(1, 9)]  # 1 to 8 tokens
-    real = tmp_path / "real.json"
-    real.write_text(json.dumps({f"r{i}": {"img_path": f"r{i}.png", "caption": f} for i, f in enumerate(formulas)}))
-    outs = {}
-    for folder, extra in (("all", []), ("short", ["--max-tokens", 3])):
-        code, out, _ = run_main(["combine", tmp_path / folder, "--add", f"{real}={tmp_path}", "--holdout", 2,
-                                 "--holdout-from", real, *extra], capsys)
-        assert code == 0, out
-        outs[folder] = [json.loads((tmp_path / folder / f"{name}.json").read_text()) for name in ("train", "validate")]
-    (train_all, validate_all), (train_short, validate_short) = outs["all"], outs["short"]
-    assert validate_short == validate_all
-    assert train_short == {name: e for name, e in train_all.items() if e["caption_len"] <= 3}
-    report = json.loads((tmp_path / "short" / "combine_report.json").read_text())
-    assert report["training caption over 3 tokens"] == len(train_all) - len(train_short) > 0
-
-
-# --- render -------------------------------------------------------------------------------------
-
-needs_tex = pytest.mark.skipif(
-    not (shutil.which("pdflatex") and shutil.which("gs")) and not os.environ.get("LATEXOCR_REQUIRE_TEX"),
-    reason="pdflatex and Ghostscript are not installed (.ci/run installs them)")
-
-
-@needs_tex
-def test_render_writes_a_split_and_reports_formulas_that_fail(tmp_path, capsys, vocab):
-    """Each formula at two resolutions (the lower one half the size); one that does not compile is
-    reported with LaTeX's error and costs its document nothing else; normalization's spaced-out
-    units (`\\hspace { 1 c m }`) compile."""
-    formulas = [e["caption"] for e in list(json.loads((DATA / "train.json").read_text()).values())[:4]]
-    formulas.append("a , \\hspace { 1 c m } b")
-    lines = formulas[:2] + ["\\frac { 1 } { 2", "", "x ^ { 2 } \\undefinedmacro"] + formulas[2:]
-    (tmp_path / "formulas.txt").write_text("\n".join(lines) + "\n")
-    code, out, err = run_main(["render", tmp_path / "formulas.txt", tmp_path / "out", "--dpi", "100,200",
-                               "--per-document", 4, "--quiet"], capsys)
-    assert code == 0, err
-    report = json.loads((tmp_path / "out" / "render_report.json").read_text())
-    assert (report["formulas"], report["rendered_formulas"], report["images"]) == (7, 5, 10)
-    assert [(f["line"], f["formula"]) for f in report["failed"]] == [(3, "\\frac { 1 } { 2"),
-                                                                    (5, "x ^ { 2 } \\undefinedmacro")]
-    assert "Undefined control sequence" in report["failed"][1]["error"]
-    written = json.loads((tmp_path / "out" / "train.json").read_text())
-    assert sorted(e["caption"] for e in written.values()) == sorted(formulas * 2)
-    data = L.DataConfig(image_base_dir=str(tmp_path / "out" / "images"))
-    examples, split_report = L.load_split(tmp_path / "out" / "train.json", data, vocab)
-    assert len(examples) == 10 and not split_report.skipped
-    for formula in formulas:
-        number = lines.index(formula) + 1
-        at_200 = L.ink_crop(L.open_image(tmp_path / "out" / "images" / f"{number:06d}_cm_200.png")).shape
-        at_100 = L.ink_crop(L.open_image(tmp_path / "out" / "images" / f"{number:06d}_cm_100.png")).shape
-        assert abs(at_100[1] - at_200[1] / 2) <= 0.05 * at_200[1] + 2
-    code, _, err = run_main(["render", tmp_path / "formulas.txt", tmp_path / "out"], capsys)
-    assert code == 2 and "already exists" in err
-
-
-@needs_tex
-@pytest.mark.skipif(not (SHARED / "gg_processed").is_dir(), reason="needs ../shared/data/im2latex100k")
-def test_render_at_200_dpi_matches_real_im2latex_images(tmp_path, capsys):
-    """The first 24 val formulas rendered at 200 dpi have the ink size of their real images."""
-    gg = SHARED / "gg_processed"
-    formulas = (gg / "val.formulas.norm.txt").read_text().splitlines()[:24]
-    image_of = {int(line.split()[1]): line.split()[0] for line in (gg / "val.matching.txt").read_text().splitlines()}
-    (tmp_path / "val24.txt").write_text("\n".join(formulas) + "\n")
-    code, _, err = run_main(["render", tmp_path / "val24.txt", tmp_path / "out", "--quiet"], capsys)
-    assert code == 0, err
-    ratios = []
-    for name in json.loads((tmp_path / "out" / "train.json").read_text()):
-        real = L.ink_crop(L.open_image(gg / "images_val" / image_of[int(name[:6]) - 1])).shape
-        ours = L.ink_crop(L.open_image(tmp_path / "out" / "images" / name)).shape
-        ratios.append((ours[0] / real[0], ours[1] / real[1]))
-    assert len(ratios) >= 22
-    assert np.median(ratios, axis=0) == pytest.approx((1.0, 1.0), abs=0.03)
-
-
-def test_finish_rendering_crops_pads_halves_and_refuses_cut_off_ink():
-    page = np.full((100, 200), 255, np.uint8)
-    assert L.finish_rendering(page) is None
-    page[30:50, 60:100] = 0  # 20 x 40 ink -> padded 8 px: 36 x 56 -> halved: 18 x 28
-    image = L.finish_rendering(page)
-    assert image.shape == (18, 28) and image[0, 0] == 255 and image[9, 14] == 0
-    page[40:50, 150:200] = 0  # ink running off the right edge
-    with pytest.raises(ValueError, match="does not fit on the page"):
-        L.finish_rendering(page)
-    assert L.latex_source("a \\hspace { 1 c m } b \\hspace * { 2 . 5 e m }") == "a \\hspace {1cm} b \\hspace * {2.5em}"
-
-
-def test_render_names_the_debian_packages_when_tex_is_missing(tmp_path, capsys, monkeypatch):
-    (tmp_path / "formulas.txt").write_text("x\n")
-    monkeypatch.setattr(L.shutil, "which", lambda tool: None)
-    code, _, err = run_main(["render", tmp_path / "formulas.txt", tmp_path / "out"], capsys)
-    assert code == 2 and "apt-get install --no-install-recommends texlive-latex-base" in err
-
-
 # --- commands -----------------------------------------------------------------------------------
 
 def test_cli_vocab(tmp_path, capsys):
@@ -1013,19 +740,6 @@ def test_cli_beam_search_predicts_and_evaluates(overfit_run, eight_examples, tmp
     assert json.loads((tmp_path / "predictions.json").read_text())["metrics"]["exact_match"] == 100.0
 
 
-def test_cli_bench_reports_every_measure(overfit_run, eight_examples, capsys):
-    run_dir, _ = overfit_run
-    code, out, err = run_main(["bench", "--checkpoint", run_dir, "--images", 2, "--repeats", 1, "--json", "--quiet",
-                               "--set", f"data.test_split={eight_examples}"], capsys)
-    assert code == 0, err
-    results = json.loads(out)
-    assert results["images"] == 2 and results["long_images"] == 0
-    for key, _, _ in L.BENCH_ROWS:
-        if not key.startswith("long") and key != "kv_cache_speedup":
-            assert results[key] > 0, key
-    assert "greedy, batch 1, per image" in L.format_bench(results)
-
-
 def test_predict_uses_the_shipped_default_model(capsys):
     """The README's first command: the shipped model reads these two sample test images exactly."""
     captions = {entry["img_path"]: entry["caption"] for entry in json.loads((DATA / "test.json").read_text()).values()}
@@ -1061,6 +775,15 @@ def test_the_shipped_default_model_reads_the_image():
     logits = jax.jit(lambda p, images, tokens: predictor.model.apply({"params": p}, images, tokens))
     reliance = L.image_reliance(logits, predictor.params, dataset, 32)
     assert reliance["image_gain"] > 1.0, reliance
+
+
+def test_cli_predict_draws_attention(overfit_run, eight_images, eight_examples, tmp_path, capsys):
+    entries = list(json.loads(eight_examples.read_text()).values())[:2]
+    images = [DATA / "images" / e["img_path"] for e in entries]
+    code, out, _ = run_main(["predict", *images, "--checkpoint", overfit_run[0], "--attention", tmp_path / "att.png"],
+                            capsys)
+    assert code == 0 and out.splitlines() == [e["caption"] for e in entries]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"att_{p.stem}.png" for p in images)
 
 
 # --- feature extractor pretraining -------------------------------------------------------------
@@ -1259,19 +982,6 @@ def test_rl_refuses_a_missing_or_mismatched_extractor(tmp_path, eight_examples, 
 
 # --- data-parallel training ---------------------------------------------------------------------
 
-def cli_overrides(overrides):
-    return sum((["--set", f"{section}.{key}={value}"] for section, values in overrides.items()
-                for key, value in values.items()), [])
-
-
-def run_cli(args, env=None):
-    import subprocess
-    import sys
-
-    return subprocess.Popen([sys.executable, str(ROOT / "latexocr.py"), *map(str, args)], env={**os.environ, **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
 def final_params(run_dir, step):
     metadata = L.read_metadata(run_dir, step)
     target = L.abstract(jax.eval_shape(lambda: L.init_params(L.LatexOCR(L.model_config_from_metadata(metadata, run_dir)), 0)))
@@ -1315,177 +1025,6 @@ def test_two_devices_and_two_processes_train_like_one_device(tmp_path, eight_exa
     start = next(event for event in log if event["event"] == "start")
     assert (start["devices"], start["processes"]) == (2, 2)
     assert [event["event"] for event in log].count("done") == 1  # only process 0 writes
-
-
-# --- web service and attention pictures ----------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def server(overfit_run):
-    """`serve`'s server for the overfitted tiny model, on a free port, with a 1 MB body limit."""
-    import threading
-
-    predictor = L.load_predictor(str(overfit_run[0]))
-    httpd = L.make_server(L.OCRService(predictor, max_bytes=1_000_000), "127.0.0.1", 0)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", predictor
-    httpd.shutdown()
-    httpd.server_close()
-
-
-def http(url, body=None, method=None, headers=None):
-    """(status, parsed JSON or raw bytes) of one request."""
-    import urllib.error
-    import urllib.request
-
-    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            status, content, kind = response.status, response.read(), response.headers.get("Content-Type")
-    except urllib.error.HTTPError as error:
-        status, content, kind = error.code, error.read(), error.headers.get("Content-Type")
-    return status, json.loads(content) if kind == "application/json" else content
-
-
-def multipart(image, **fields):
-    boundary = "latexocr-test-boundary"
-    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
-             for k, v in fields.items()]
-    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="f.png"\r\n'
-                 f'Content-Type: image/png\r\n\r\n'.encode() + image + f"\r\n--{boundary}--\r\n".encode())
-    return b"".join(parts), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
-
-
-@pytest.fixture(scope="module")
-def eight_images(eight_examples):
-    entries = json.loads(eight_examples.read_text())
-    return [((DATA / "images" / e["img_path"]).read_bytes(), e["caption"]) for e in entries.values()]
-
-
-def test_server_answers_like_predict(server, eight_images):
-    url, predictor = server
-    for image, caption in eight_images[:4]:
-        canvas = L.preprocess_image(L.decode_image(io.BytesIO(image), "x"), predictor.data)[0]
-        expected = L.detokenize(predictor.predict_images([canvas])[0][0])
-        status, answer = http(f"{url}/api/predict", image)
-        assert status == 200 and answer["latex"] == expected == caption
-        assert answer["tokens"] == caption.split() and answer["seconds"] > 0
-    body, headers = multipart(eight_images[0][0], method="beam", beam="3")
-    status, answer = http(f"{url}/api/predict", body, headers=headers)
-    assert status == 200 and answer["latex"] == eight_images[0][1]
-    status, health = http(f"{url}/api/health")
-    assert status == 200 and health["status"] == "ok"
-    status, page = http(f"{url}/")
-    assert status == 200 and b"/api/predict" in page
-
-
-def png_declaring(width, height):
-    """A PNG whose header claims width x height pixels (its pixel data is a 1x1 image's)."""
-    import struct
-    import zlib
-
-    buffer = io.BytesIO()
-    Image.new("L", (1, 1), 255).save(buffer, "PNG")
-    data = bytearray(buffer.getvalue())
-    header = b"IHDR" + struct.pack(">II", width, height) + bytes(data[24:29])
-    data[12:29] = header
-    data[29:33] = struct.pack(">I", zlib.crc32(header))
-    return bytes(data)
-
-
-BAD_REQUESTS = [  # (what, method, path, body, status)
-    ("text, not an image", "POST", "/api/predict", b"hello, not an image", 400),
-    ("truncated PNG", "POST", "/api/predict", (DATA / "images" / "1015942522.png").read_bytes()[:300], 400),
-    ("empty body", "POST", "/api/predict", b"", 400),
-    ("1.5 MB body over the 1 MB limit", "POST", "/api/predict", b"\0" * 1_500_000, 413),
-    ("PNG declaring 20000x20000 pixels", "POST", "/api/predict", png_declaring(20000, 20000), 400),
-    ("beam width 0", "POST", "/api/predict?method=beam&beam=0", (DATA / "images" / "1015942522.png").read_bytes(), 400),
-    ("unknown method", "POST", "/api/predict?method=magic", (DATA / "images" / "1015942522.png").read_bytes(), 400),
-    ("GET of the predict API", "GET", "/api/predict", None, 405),
-    ("PUT of the page", "PUT", "/", b"x", 405),
-    ("POST of health", "POST", "/api/health", b"x", 405),
-    ("unknown path", "GET", "/nothing-here", None, 404),
-    ("path out of the static folder", "GET", "/static/../latexocr.py", None, 404),
-]
-
-
-@pytest.mark.parametrize("what, method, path, body, status", BAD_REQUESTS, ids=[r[0] for r in BAD_REQUESTS])
-def test_server_refuses_bad_requests_and_keeps_serving(server, what, method, path, body, status):
-    url, _ = server
-    got, answer = http(url + path, body, method)
-    assert got == status and answer["error"]
-    assert http(f"{url}/api/health")[0] == 200
-
-
-def test_server_answers_twenty_concurrent_requests(server, eight_images):
-    url, _ = server
-    jobs = [eight_images[i % len(eight_images)] for i in range(20)]
-    with concurrent.futures.ThreadPoolExecutor(20) as pool:
-        answers = list(pool.map(lambda job: http(f"{url}/api/predict", job[0]), jobs))
-    assert [status for status, _ in answers] == [200] * 20
-    assert [answer["latex"] for _, answer in answers] == [caption for _, caption in jobs]
-
-
-def test_attention_picture_has_a_panel_per_token_of_maps_summing_to_one(server, eight_images):
-    url, predictor = server
-    image, caption = eight_images[0]
-    canvas = L.preprocess_image(L.decode_image(io.BytesIO(image), "x"), predictor.data)[0]
-    tokens = caption.split()
-    for layer in (0, -1):
-        maps = predictor.attention_maps(canvas, tokens, layer)
-        assert maps.shape == (len(tokens), canvas.shape[0] // predictor.model.cfg.cell_height,
-                              canvas.shape[1] // predictor.model.cfg.cell_width)
-        np.testing.assert_allclose(maps.sum((1, 2)), 1.0, atol=1e-5)
-    picture = L.attention_picture(canvas, tokens, maps, max_width=1000)
-    columns = (1000 + 6) // (canvas.shape[1] + 6)
-    rows = math.ceil(len(tokens) / columns)
-    assert picture.size == (columns * (canvas.shape[1] + 6) - 6, rows * (canvas.shape[0] + 16 + 6) - 6)
-    with pytest.raises(L.UserError, match="decoder has 2 layers"):
-        predictor.attention_maps(canvas, tokens, 2)
-    status, png = http(f"{url}/api/attention", image)
-    assert status == 200 and Image.open(io.BytesIO(png)).size[0] > canvas.shape[1]
-
-
-def test_cli_predict_draws_attention(overfit_run, eight_images, eight_examples, tmp_path, capsys):
-    entries = list(json.loads(eight_examples.read_text()).values())[:2]
-    images = [DATA / "images" / e["img_path"] for e in entries]
-    code, out, _ = run_main(["predict", *images, "--checkpoint", overfit_run[0], "--attention", tmp_path / "att.png"],
-                            capsys)
-    assert code == 0 and out.splitlines() == [e["caption"] for e in entries]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"att_{p.stem}.png" for p in images)
-
-
-def test_browser_uploads_an_image_and_shows_its_latex(server, eight_images, eight_examples, tmp_path):
-    """Headless Debian Chromium, driven by Selenium: upload a sample image through the page and find
-    its LaTeX there. The screenshot is kept in test_artifacts/. CI installs the browser
-    (LATEXOCR_REQUIRE_BROWSER=1 makes its absence a failure)."""
-    chromium, driver_path = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
-    if not (chromium.exists() and driver_path.exists()):
-        if os.environ.get("LATEXOCR_REQUIRE_BROWSER"):
-            pytest.fail("Debian chromium and chromium-driver are not installed")
-        pytest.skip("needs Debian chromium and chromium-driver")
-    from selenium import webdriver
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    url, _ = server
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(chromium)
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,900"):
-        options.add_argument(flag)
-    browser = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=str(driver_path)))
-    try:
-        browser.get(url + "/")
-        entry = next(iter(json.loads(eight_examples.read_text()).values()))
-        browser.find_element(By.ID, "file").send_keys(str(DATA / "images" / entry["img_path"]))
-        WebDriverWait(browser, 60).until(lambda b: b.find_element(By.ID, "latex").get_property("value"))
-        assert browser.find_element(By.ID, "latex").get_property("value") == entry["caption"]
-        assert browser.find_elements(By.CSS_SELECTOR, "#rendered .katex")  # rendered, not an error
-        assert "ms" in browser.find_element(By.ID, "status").text
-        artifacts = ROOT / "test_artifacts"
-        artifacts.mkdir(exist_ok=True)
-        browser.save_screenshot(str(artifacts / "serve_page.png"))
-    finally:
-        browser.quit()
 
 
 # --- user errors: one clear line, non-zero exit, no traceback -----------------------------------
@@ -1548,8 +1087,6 @@ def bad_files(tmp_path_factory):
     (["train", "--num-processes", "2", "--process-id", "0"], "needs --coordinator"),
     (["train", "--coordinator", "127.0.0.1:1234", "--num-processes", "2", "--process-id", "2"],
      "--process-id must be in [0, 2)"),
-    (["prepare", "--root", "{bad}/nowhere", "--out", "{bad}/o"], "folder not found"),
-    (["prepare", "--root", "{bad}", "--out", "{bad}/o"], "no im2latex_formulas.norm.lst"),
 ])
 def test_user_errors_give_one_clear_line(argv, message, bad_files, overfit_run, capsys):
     run_dir, _ = overfit_run
