@@ -21,6 +21,7 @@ import argparse
 import collections
 import concurrent.futures
 import contextlib
+import copy
 import dataclasses
 import functools
 import hashlib
@@ -54,10 +55,6 @@ PAD_ID, SOS_ID, EOS_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(7)
 SPLITS = ("train", "validate", "test")
 MAX_IMAGE_PIXELS = 50_000_000
 MAX_IMAGE_SCALE = 8.0
-# On 300 held-out real val images, reading other sizes only below this first-answer score read
-# IM2LATEX-100K's own size 1.55 times per image instead of 2.02, at the same BLEU (61.01), and
-# cost 0.14 and 0.08 BLEU at 1.5 and 2 times its size (none at 0.5 and 0.75; -0.8 cost 0.24 at 2x).
-CONFIDENT_SCORE = -0.7
 
 
 class UserError(Exception):
@@ -152,8 +149,9 @@ class EvaluationConfig:
     # kept (see size_variants); [] reads each image once, as preprocessing leaves it.
     size_factors: tuple[float, ...] = (1.4, 0.7, 0.5)
     # Only an image whose first answer (as preprocessing leaves it) scores at most this is read
-    # at those other sizes: a confident first answer is seldom beaten. 0 reads every size always.
-    confident_score: float = CONFIDENT_SCORE
+    # at those other sizes: a confident first answer is seldom beaten (how it was chosen: docs/
+    # RESULTS.md, Image size). 0 reads every size always.
+    confident_score: float = -0.7
     output_dir: str = "evaluation_results"
 
     @property
@@ -303,62 +301,66 @@ def is_power_of_two(n: int) -> bool:
 
 
 def validate_config(config: Config) -> Config:
-    d, m, t, e, f, r = (config.data, config.model, config.training, config.evaluation, config.feature_extractor,
-                        config.rl)
-    reward_weights = (r.extractor_weight, r.bleu_weight, r.edit_weight, r.exact_match_bonus)
+    data, model, training, evaluation, extractor, rl = (config.data, config.model, config.training, config.evaluation,
+                                                        config.feature_extractor, config.rl)
+    reward_weights = (rl.extractor_weight, rl.bleu_weight, rl.edit_weight, rl.exact_match_bonus)
     for name in ("bucket_heights", "bucket_widths", "sequence_buckets"):
-        if not getattr(d, name):
+        if not getattr(data, name):
             raise UserError(f"data.{name} must not be empty")
     checks = [
-        (m.size in MODEL_SIZES, f"model.size must be one of {', '.join(MODEL_SIZES)}"),
-        (is_power_of_two(m.cell_height) and is_power_of_two(m.cell_width) and m.cell_width <= m.cell_height,
+        (model.size in MODEL_SIZES, f"model.size must be one of {', '.join(MODEL_SIZES)}"),
+        (is_power_of_two(model.cell_height) and is_power_of_two(model.cell_width)
+         and model.cell_width <= model.cell_height,
          "model.cell_height and model.cell_width must be powers of two (2, 4, 8, ...), cell_width <= cell_height"),
-        (d.margin >= 0, "data.margin must be >= 0"),
-        (d.glyph_height >= 0, "data.glyph_height must be >= 0 (0 turns glyph-size normalization off)"),
-        (min(d.bucket_heights + d.bucket_widths) > 0, "data.bucket_heights and data.bucket_widths must be positive"),
-        (all(h % m.cell_height == 0 for h in d.bucket_heights) and all(w % m.cell_width == 0 for w in d.bucket_widths),
+        (data.margin >= 0, "data.margin must be >= 0"),
+        (data.glyph_height >= 0, "data.glyph_height must be >= 0 (0 turns glyph-size normalization off)"),
+        (min(data.bucket_heights + data.bucket_widths) > 0,
+         "data.bucket_heights and data.bucket_widths must be positive"),
+        (all(h % model.cell_height == 0 for h in data.bucket_heights)
+         and all(w % model.cell_width == 0 for w in data.bucket_widths),
          "data.bucket_heights must be multiples of model.cell_height, data.bucket_widths of model.cell_width"),
-        (0 < d.min_ink_height <= d.max_ink_height <= max(d.bucket_heights) - 2 * d.margin,
+        (0 < data.min_ink_height <= data.max_ink_height <= max(data.bucket_heights) - 2 * data.margin,
          "need 0 < data.min_ink_height <= data.max_ink_height <= largest bucket height - 2*margin"),
-        (max(d.sequence_buckets) <= m.max_seq_len, "data.sequence_buckets must be at most model.max_seq_len"),
-        (min(d.sequence_buckets) >= 3, "data.sequence_buckets must be at least 3"),
-        (0.0 <= m.dropout < 1.0, "model.dropout must be in [0, 1)"),
-        (t.batch_size > 0, "training.batch_size must be positive"),
-        (t.grad_accum_steps > 0, "training.grad_accum_steps must be positive"),
-        (t.seed >= 0, "training.seed must be >= 0"),
-        (t.lr > 0, "training.lr must be positive"),
-        (t.weight_decay >= 0, "training.weight_decay must be >= 0"),
-        (t.warmup_steps >= 0, "training.warmup_steps must be >= 0"),
-        (t.total_steps > t.warmup_steps, "training.total_steps must exceed training.warmup_steps"),
-        (t.max_minutes >= 0, "training.max_minutes must be >= 0 (0 = no time limit)"),
-        (t.grad_clip > 0, "training.grad_clip must be positive"),
-        (0.0 <= t.label_smoothing < 1.0, "training.label_smoothing must be in [0, 1)"),
-        (t.ctc_weight >= 0, "training.ctc_weight must be >= 0 (0 turns the CTC loss off)"),
-        (t.eval_every > 0 and t.log_every > 0, "training.eval_every and log_every must be positive"),
-        (t.val_samples > 0, "training.val_samples must be positive"),
-        (t.keep_checkpoints > 0, "training.keep_checkpoints must be positive"),
-        (0 <= t.ema_decay < 1, "training.ema_decay must be in [0, 1) (0: no average)"),
-        (e.batch_size > 0, "evaluation.batch_size must be positive"),
-        (e.split in SPLITS, f"evaluation.split must be one of {', '.join(SPLITS)}"),
-        (e.primary_metric in METRIC_DIRECTIONS,
+        (max(data.sequence_buckets) <= model.max_seq_len, "data.sequence_buckets must be at most model.max_seq_len"),
+        (min(data.sequence_buckets) >= 3, "data.sequence_buckets must be at least 3"),
+        (0.0 <= model.dropout < 1.0, "model.dropout must be in [0, 1)"),
+        (training.batch_size > 0, "training.batch_size must be positive"),
+        (training.grad_accum_steps > 0, "training.grad_accum_steps must be positive"),
+        (training.seed >= 0, "training.seed must be >= 0"),
+        (training.lr > 0, "training.lr must be positive"),
+        (training.weight_decay >= 0, "training.weight_decay must be >= 0"),
+        (training.warmup_steps >= 0, "training.warmup_steps must be >= 0"),
+        (training.total_steps > training.warmup_steps, "training.total_steps must exceed training.warmup_steps"),
+        (training.max_minutes >= 0, "training.max_minutes must be >= 0 (0 = no time limit)"),
+        (training.grad_clip > 0, "training.grad_clip must be positive"),
+        (0.0 <= training.label_smoothing < 1.0, "training.label_smoothing must be in [0, 1)"),
+        (training.ctc_weight >= 0, "training.ctc_weight must be >= 0 (0 turns the CTC loss off)"),
+        (training.eval_every > 0 and training.log_every > 0, "training.eval_every and log_every must be positive"),
+        (training.val_samples > 0, "training.val_samples must be positive"),
+        (training.keep_checkpoints > 0, "training.keep_checkpoints must be positive"),
+        (0 <= training.ema_decay < 1, "training.ema_decay must be in [0, 1) (0: no average)"),
+        (evaluation.batch_size > 0, "evaluation.batch_size must be positive"),
+        (evaluation.split in SPLITS, f"evaluation.split must be one of {', '.join(SPLITS)}"),
+        (evaluation.primary_metric in METRIC_DIRECTIONS,
          f"evaluation.primary_metric must be one of {', '.join(METRIC_DIRECTIONS)}"),
-        (e.generation_method in ("greedy", "beam"), "evaluation.generation_method must be 'greedy' or 'beam'"),
-        (e.beam_width >= 1, "evaluation.beam_width must be at least 1"),
-        (e.length_penalty >= 0, "evaluation.length_penalty must be >= 0"),
-        (all(0 < f <= MAX_IMAGE_SCALE and f != 1 for f in e.size_factors),
+        (evaluation.generation_method in ("greedy", "beam"),
+         "evaluation.generation_method must be 'greedy' or 'beam'"),
+        (evaluation.beam_width >= 1, "evaluation.beam_width must be at least 1"),
+        (evaluation.length_penalty >= 0, "evaluation.length_penalty must be >= 0"),
+        (all(0 < f <= MAX_IMAGE_SCALE and f != 1 for f in evaluation.size_factors),
          f"evaluation.size_factors must lie in (0, {MAX_IMAGE_SCALE:g}], none of them 1"),
-        (f.size in MODEL_SIZES, f"feature_extractor.size must be one of {', '.join(MODEL_SIZES)}"),
-        (0.0 <= f.dropout < 1.0, "feature_extractor.dropout must be in [0, 1)"),
-        (bool(f.train_formulas), "feature_extractor.train_formulas must name at least one file"),
-        (0.0 < f.mask_prob < 1.0, "feature_extractor.mask_prob must be in (0, 1)"),
-        (f.max_bracket_depth >= 1, "feature_extractor.max_bracket_depth must be at least 1"),
-        (f.mlm_weight >= 0 and f.depth_weight >= 0 and f.mlm_weight + f.depth_weight > 0,
+        (extractor.size in MODEL_SIZES, f"feature_extractor.size must be one of {', '.join(MODEL_SIZES)}"),
+        (0.0 <= extractor.dropout < 1.0, "feature_extractor.dropout must be in [0, 1)"),
+        (bool(extractor.train_formulas), "feature_extractor.train_formulas must name at least one file"),
+        (0.0 < extractor.mask_prob < 1.0, "feature_extractor.mask_prob must be in (0, 1)"),
+        (extractor.max_bracket_depth >= 1, "feature_extractor.max_bracket_depth must be at least 1"),
+        (extractor.mlm_weight >= 0 and extractor.depth_weight >= 0 and extractor.mlm_weight + extractor.depth_weight > 0,
          "feature_extractor.mlm_weight and depth_weight must be >= 0, not both 0"),
-        (f.pooling in ("mean", "cls"), "feature_extractor.pooling must be 'mean' or 'cls'"),
-        (r.lambda_rl >= 0 and r.ce_weight >= 0 and r.lambda_rl + r.ce_weight > 0,
+        (extractor.pooling in ("mean", "cls"), "feature_extractor.pooling must be 'mean' or 'cls'"),
+        (rl.lambda_rl >= 0 and rl.ce_weight >= 0 and rl.lambda_rl + rl.ce_weight > 0,
          "rl.lambda_rl and rl.ce_weight must be >= 0, not both 0"),
-        (r.temperature > 0, "rl.temperature must be positive"),
-        (r.baseline in ("mean", "self_critical"), "rl.baseline must be 'mean' or 'self_critical'"),
+        (rl.temperature > 0, "rl.temperature must be positive"),
+        (rl.baseline in ("mean", "self_critical"), "rl.baseline must be 'mean' or 'self_critical'"),
         (min(reward_weights) >= 0 and sum(reward_weights) > 0,
          "rl.extractor_weight, bleu_weight, edit_weight and exact_match_bonus must be >= 0, not all 0"),
     ]
@@ -1541,10 +1543,10 @@ class Predictor:
     so a new `predict` process reads the traced program (jax.export) from program_dir."""
 
     def __init__(self, model: LatexOCR, params: Any, vocab: Vocabulary, data: DataConfig,
-                 length_penalty: float = 0.7, size_factors: Sequence[float] = (),
-                 program_dir: Path | None = None, confident_score: float = CONFIDENT_SCORE):
+                 decoding: EvaluationConfig = EvaluationConfig(), program_dir: Path | None = None):
         self.model, self.params, self.vocab, self.data = model, params, vocab, data
-        self.size_factors, self.confident_score = tuple(size_factors), confident_score
+        self.size_factors, self.confident_score = tuple(decoding.size_factors), decoding.confident_score
+        length_penalty = decoding.length_penalty
         self.program_dir = program_dir
         self._decode = jax.jit(lambda p, images, width: greedy_with_scores(model, p, images, length_penalty)
                                if width == 1 else beam_search(model, p, images, width, length_penalty),
@@ -1553,6 +1555,12 @@ class Predictor:
         self._exported: dict[tuple[tuple[int, ...], int], Any] = {}
         self._attention = jax.jit(lambda p, images, tokens, layer: cross_attention_maps(model, p, images, tokens, layer),
                                   static_argnames="layer")
+
+    def with_params(self, params: Any) -> Predictor:
+        """The same decoders (compiled once) reading other parameters."""
+        twin = copy.copy(self)
+        twin.params = params
+        return twin
 
     def attention_maps(self, canvas: np.ndarray, tokens: Sequence[str], layer: int = -1) -> np.ndarray:
         """Where the decoder looked for each token of a decoded answer: [len(tokens), rows, cols],
@@ -1607,47 +1615,49 @@ class Predictor:
         """The canvases an image is read from (see preprocess_image)."""
         return preprocess_image(image, self.data, name, self.size_factors)
 
+    def read_best(self, owners: Sequence[int], sizes: Sequence[int], decode) -> tuple[list[tuple[list[str], float]], list[int]]:
+        """The two rounds of reading: every entry at size 0 (as preprocessing leaves its image),
+        then the other sizes of the images whose first answer scores at most confident_score.
+        decode(entries) answers those entries, (tokens, score) each, in order. Returns every
+        entry's answer (unread: no tokens, score -inf) and, per image, the entry kept."""
+        answers: list[tuple[list[str], float]] = [([], -math.inf)] * len(owners)
+        first = [entry for entry, size in enumerate(sizes) if size == 0]
+        for entries in (first, None):
+            if entries is None:
+                entries = other_sizes_to_read(owners, sizes, [score for _, score in answers], self.confident_score)
+            for entry, answer in zip(entries, decode(entries)):
+                answers[entry] = answer
+        return answers, best_scored(owners, [score for _, score in answers])
+
     def read_images(self, variants: Sequence[Sequence[np.ndarray]], beam_width: int = 1,
                     batch_size: int = 16) -> list[Reading]:
-        """Read every image (its canvases, as `preprocess` makes them) as preprocessing leaves
-        it, and those whose answer scores at most confident_score at their other sizes too;
-        keep, per image, the answer with the best score."""
+        """Read every image (its canvases, as `preprocess` makes them) and keep, per image, the
+        best-scored answer (see read_best)."""
         canvases = [canvas for image in variants for canvas in image]
         owners = [owner for owner, image in enumerate(variants) for _ in image]
         sizes = [size for image in variants for size in range(len(image))]
-        answers: list[tuple[list[str], float]] = [([], -math.inf)] * len(canvases)
-
-        def read(entries: list[int]) -> None:
-            for entry, answer in zip(entries, self.predict_images([canvases[e] for e in entries], beam_width, batch_size)):
-                answers[entry] = answer
-
-        read([entry for entry, size in enumerate(sizes) if size == 0])
-        read(other_sizes_to_read(owners, sizes, [score for _, score in answers], self.confident_score))
-        kept = best_scored(owners, [score for _, score in answers])
+        answers, kept = self.read_best(
+            owners, sizes, lambda entries: self.predict_images([canvases[e] for e in entries], beam_width, batch_size))
         read_count = collections.Counter(owner for owner, (_, score) in zip(owners, answers) if score > -math.inf)
         return [Reading(*answers[entry], sizes[entry], read_count[image]) for image, entry in enumerate(kept)]
 
     def read_dataset(self, dataset: Dataset, batch_size: int, beam_width: int = 1,
                      progress: bool = False) -> tuple[list[int], list[list[str]], int]:
-        """read_images over a Dataset's size variants: per distinct example, the entry kept and
+        """read_best over a Dataset's size variants: per distinct example, the entry kept and
         its answer, and how many entries were read. With beam search, batch_size counts beams
         (images x width)."""
         from tqdm import tqdm
 
-        hypotheses: list[list[str]] = [[] for _ in range(len(dataset))]
-        scores = np.full(len(dataset), -np.inf, np.float32)
-
-        def read(entries: list[int]) -> None:
+        def decode(entries: list[int]) -> list[tuple[list[str], float]]:
+            answers = {}
             batches = dataset.ordered_batches(max(1, batch_size // beam_width), entries)
             for indices, count in tqdm(batches, desc="decoding", disable=not progress, leave=False):
-                decoded, batch_scores = self.decode_batch(dataset.batch(indices)["images"], beam_width)
-                for i, tokens, score in zip(indices[:count], decoded[:count], batch_scores[:count]):
-                    hypotheses[i], scores[i] = tokens, score
+                decoded, scores = self.decode_batch(dataset.batch(indices)["images"], beam_width)
+                answers.update(zip(indices[:count].tolist(), zip(decoded[:count], scores[:count].tolist())))
+            return [answers[entry] for entry in entries]
 
-        read([entry for entry, variant in enumerate(dataset.variants) if variant == 0])
-        read(other_sizes_to_read(dataset.owners, dataset.variants, scores, self.confident_score))
-        kept = best_scored(dataset.owners, scores)
-        return kept, [hypotheses[i] for i in kept], int(np.isfinite(scores).sum())
+        answers, kept = self.read_best(dataset.owners, dataset.variants, decode)
+        return kept, [answers[i][0] for i in kept], sum(score > -math.inf for _, score in answers)
 
 
 # --- attention pictures -----------------------------------------------------------------------
@@ -2194,17 +2204,23 @@ def restore_model(path: str, kind: type, program_dir: Path | None = None) -> tup
     return model, restore_items(directory, step, {"params": target})["params"], metadata
 
 
-def load_predictor(path: str, length_penalty: float = 0.7, size_factors: Sequence[float] = (),
-                   confident_score: float = CONFIDENT_SCORE) -> Predictor:
-    """Rebuild model, parameters, vocabulary and image settings from a checkpoint alone. Its
-    traced decoders are kept beside the compiled programs when JAX's persistent compilation
-    cache is on (see enable_compilation_cache)."""
-    cache = jax.config.jax_compilation_cache_dir
-    program_dir = Path(cache) / "latexocr-traced" if cache else None
+def cache_directory() -> str:
+    """Where compiled programs persist across processes (`$LATEXOCR_CACHE_DIR`; empty: nowhere)."""
+    return os.environ.get("LATEXOCR_CACHE_DIR", str(Path.home() / ".cache" / "latexocr" / "jax"))
+
+
+def traced_program_dir() -> Path | None:
+    """Where traced decoders are kept beside the compiled programs (see Predictor)."""
+    return Path(cache_directory()) / "latexocr-traced" if cache_directory() else None
+
+
+def load_predictor(path: str, decoding: EvaluationConfig = EvaluationConfig(),
+                   program_dir: Path | None = None) -> Predictor:
+    """Rebuild model, parameters, vocabulary and image settings from a checkpoint alone, to decode
+    as `decoding` says (beam length penalty, the other sizes an image is read at)."""
     model, params, metadata = restore_model(path, ModelConfig, program_dir)
     data = DataConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in metadata["data"].items()})
-    return Predictor(model, params, Vocabulary(metadata["vocab"]), data, length_penalty, size_factors, program_dir,
-                     confident_score)
+    return Predictor(model, params, Vocabulary(metadata["vocab"]), data, decoding, program_dir)
 
 
 def check_compatible(metadata: dict, cfg: ModelConfig | ExtractorConfig, vocab: Vocabulary, where: Path) -> None:
@@ -2472,47 +2488,6 @@ def run_training(trainee: Trainee, config: Config, run_dir: Path, resume: bool, 
     return summary
 
 
-def train(config: Config, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train the OCR model with cross-entropy from config; returns the final summary."""
-    training, data = config.training, config.data
-    vocab = load_vocabulary(data.vocab_path)
-    cfg = model_config(config, len(vocab))
-    run_dir = Path(training.checkpoint_dir).expanduser()
-    check_run_dir(run_dir, resume, cfg, vocab)
-    train_examples, train_report = load_split(data.train_split, data, vocab)
-    val_examples, val_report = load_split(data.validate_split, data, vocab)
-    if not train_examples:
-        raise UserError(f"no usable training examples in {data.train_split}")
-    train_set = Dataset(train_examples, data, train_report)
-    if not len(train_set):
-        raise UserError(f"no readable training images in {data.train_split}")
-    val_set = Dataset(val_examples[: training.val_samples], data, val_report)
-    val_set = val_set if len(val_set) else None
-    model = LatexOCR(cfg)
-    params = initial_params(model, training, vocab)
-    make_ocr_step = stage_two_step(model, config, vocab)
-    predictor = Predictor(LatexOCR(dataclasses.replace(cfg, dtype="float32")), None, vocab, data)
-    teacher_forced = jax.jit(lambda p, images, tokens: predictor.model.apply({"params": p}, images, tokens))
-
-    def validate(params):
-        predictor.params = params
-        metrics = evaluate_dataset(predictor, val_set, config.evaluation.batch_size)[0]
-        return {**metrics, **image_reliance(teacher_forced, params, val_set, config.evaluation.batch_size)}
-
-    trainee = Trainee(
-        params=params,
-        make_step=make_ocr_step,
-        batches=TrainBatches(train_set, training.batch_size, training.seed, training.augment),
-        validate=validate if val_set is not None else None,
-        primary_metric=config.evaluation.primary_metric,
-        maximize=METRIC_DIRECTIONS[config.evaluation.primary_metric] == "max",
-        metadata=lambda extra: checkpoint_metadata(cfg, vocab, data, extra),
-        start_info={"model": config.model.size, "train_examples": len(train_set),
-                    "init": training.init_checkpoint or "random", "lambda_rl": config.rl.lambda_rl})
-    return run_training(trainee, config, run_dir, resume, progress,
-                        [train_report.summary(), val_report.summary()])
-
-
 def initial_params(model: LatexOCR, training: TrainingConfig, vocab: Vocabulary) -> Any:
     """Random parameters, or those of training.init_checkpoint (checked against this model and vocabulary)."""
     if not training.init_checkpoint:
@@ -2522,7 +2497,7 @@ def initial_params(model: LatexOCR, training: TrainingConfig, vocab: Vocabulary)
     return params
 
 
-def stage_two_step(model: LatexOCR, config: Config, vocab: Vocabulary):
+def ocr_step_factory(model: LatexOCR, config: Config, vocab: Vocabulary):
     """optimizer -> the OCR training step: plain cross-entropy when rl.lambda_rl is 0, else
     CE + REINFORCE, loading the frozen feature extractor first when the reward uses it."""
     rl, training = config.rl, config.training
@@ -2551,6 +2526,47 @@ def frozen_extractor(section: FeatureExtractorSection, cfg: ModelConfig, vocab: 
         raise UserError(f"feature extractor {section.checkpoint_path} reads at most {model.cfg.max_seq_len} tokens, "
                         f"fewer than model.max_seq_len {cfg.max_seq_len}; {advice}")
     return make_features(model, section.pooling), params
+
+
+def train(config: Config, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train the OCR model with cross-entropy from config; returns the final summary."""
+    training, data = config.training, config.data
+    vocab = load_vocabulary(data.vocab_path)
+    cfg = model_config(config, len(vocab))
+    run_dir = Path(training.checkpoint_dir).expanduser()
+    check_run_dir(run_dir, resume, cfg, vocab)
+    train_examples, train_report = load_split(data.train_split, data, vocab)
+    val_examples, val_report = load_split(data.validate_split, data, vocab)
+    if not train_examples:
+        raise UserError(f"no usable training examples in {data.train_split}")
+    train_set = Dataset(train_examples, data, train_report)
+    if not len(train_set):
+        raise UserError(f"no readable training images in {data.train_split}")
+    val_set = Dataset(val_examples[: training.val_samples], data, val_report)
+    val_set = val_set if len(val_set) else None
+    model = LatexOCR(cfg)
+    params = initial_params(model, training, vocab)
+    make_ocr_step = ocr_step_factory(model, config, vocab)
+    read_once = dataclasses.replace(config.evaluation, size_factors=())
+    predictor = Predictor(LatexOCR(dataclasses.replace(cfg, dtype="float32")), None, vocab, data, read_once)
+    teacher_forced = jax.jit(lambda p, images, tokens: predictor.model.apply({"params": p}, images, tokens))
+
+    def validate(params):
+        metrics = evaluate_dataset(predictor.with_params(params), val_set, config.evaluation.batch_size)[0]
+        return {**metrics, **image_reliance(teacher_forced, params, val_set, config.evaluation.batch_size)}
+
+    trainee = Trainee(
+        params=params,
+        make_step=make_ocr_step,
+        batches=TrainBatches(train_set, training.batch_size, training.seed, training.augment),
+        validate=validate if val_set is not None else None,
+        primary_metric=config.evaluation.primary_metric,
+        maximize=METRIC_DIRECTIONS[config.evaluation.primary_metric] == "max",
+        metadata=lambda extra: checkpoint_metadata(cfg, vocab, data, extra),
+        start_info={"model": config.model.size, "train_examples": len(train_set),
+                    "init": training.init_checkpoint or "random", "lambda_rl": config.rl.lambda_rl})
+    return run_training(trainee, config, run_dir, resume, progress,
+                        [train_report.summary(), val_report.summary()])
 
 
 def validation_batches(formulas: list[list[str]], vocab: Vocabulary, data: DataConfig, batch_size: int,
@@ -2617,7 +2633,7 @@ def pretrain(config: Config, resume: bool = False, progress: bool = True) -> dic
 
 def enable_compilation_cache() -> None:
     """Persist compiled programs so a new process does not recompile the same shapes."""
-    directory = os.environ.get("LATEXOCR_CACHE_DIR", str(Path.home() / ".cache" / "latexocr" / "jax"))
+    directory = cache_directory()
     if directory:
         jax.config.update("jax_compilation_cache_dir", directory)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
@@ -2697,8 +2713,7 @@ def command_eval(args, config: Config) -> int:
     if args.sample is not None and args.sample < 1:
         raise UserError(f"--sample must be at least 1, got {args.sample}")
     evaluation = config.evaluation
-    predictor = load_predictor(args.checkpoint or evaluation.checkpoint_path, evaluation.length_penalty,
-                               evaluation.size_factors, evaluation.confident_score)
+    predictor = load_predictor(args.checkpoint or evaluation.checkpoint_path, evaluation, traced_program_dir())
     split_path = getattr(config.data, f"{evaluation.split}_split")
     # Split paths come from the config; image preprocessing from the checkpoint it was trained with.
     paths = dataclasses.replace(predictor.data, image_base_dir=config.data.image_base_dir)
@@ -2747,8 +2762,7 @@ def command_predict(args, config: Config) -> int:
     error line on stderr and an empty line on stdout, and the exit status is 1."""
     start = time.perf_counter()
     evaluation = decoding_options(args, config).evaluation
-    predictor = load_predictor(args.checkpoint or evaluation.checkpoint_path, evaluation.length_penalty,
-                               evaluation.size_factors, evaluation.confident_score)
+    predictor = load_predictor(args.checkpoint or evaluation.checkpoint_path, evaluation, traced_program_dir())
     load_seconds = time.perf_counter() - start
     variants, errors = {}, {}
     for path in args.images:

@@ -37,7 +37,7 @@ import latexocr as L
 from latexocr import (EOS_ID, MODULE_DIR, PAD_ID, SOS_ID, SPLITS, Config, LatexOCR, Predictor, UserError,
                       attention_picture, count_params, decode_image, detokenize, encode_for_decoding,
                       find_checkpoint_dir, formula_lines, image_header_problem, load_predictor, load_split,
-                      open_image, read_split_file, resolve_path, write_json_atomic)
+                      open_image, read_split_file, resolve_path, traced_program_dir, write_json_atomic)
 
 
 # --- IM2LATEX-100K as downloaded -> split files ---------------------------------------------------
@@ -1364,8 +1364,7 @@ def command_serve(args, config: Config) -> int:
     if not 0 <= args.port < 65536 or args.max_mb <= 0:
         raise UserError("--port must be 0..65535 and --max-mb positive")
     evaluation = config.evaluation
-    predictor = load_predictor(args.checkpoint or evaluation.checkpoint_path, evaluation.length_penalty,
-                               evaluation.size_factors, evaluation.confident_score)
+    predictor = load_predictor(args.checkpoint or evaluation.checkpoint_path, evaluation, traced_program_dir())
     service = OCRService(predictor, int(args.max_mb * 1024 * 1024))
     print("latexocr: compiling the decoder for every image bucket...", file=sys.stderr)
     service.warm_up()
@@ -1387,8 +1386,7 @@ def command_bench(args, config: Config) -> int:
         raise UserError("--images and --repeats must be at least 1, --long-images at least 0")
     evaluation = config.evaluation
     checkpoint = args.checkpoint or evaluation.checkpoint_path
-    predictor = load_predictor(checkpoint, evaluation.length_penalty, evaluation.size_factors,
-                               evaluation.confident_score)
+    predictor = load_predictor(checkpoint, evaluation, traced_program_dir())
     paths = dataclasses.replace(predictor.data, image_base_dir=config.data.image_base_dir)
     examples, _ = load_split(config.data.test_split, paths, predictor.vocab)
     if not examples:
