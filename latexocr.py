@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import hashlib
 import inspect
+import io
 import itertools
 import json
 import logging
@@ -432,11 +433,12 @@ def resolve_path(path: str) -> Path:
 # --- vocabulary and tokenizer -----------------------------------------------------------------
 
 # A raw LaTeX string splits into IM2LATEX tokens: environments, \left/\right with their
-# delimiter, control words, control symbols, then single characters.
+# delimiter, control words (`\operatorname*` whole, as IM2LATEX-100K keeps it), control symbols,
+# then single characters.
 LATEX_TOKEN = re.compile(
     r"\\(?:begin|end)\{[a-zA-Z*]+\}"
     r"|\\(?:left|right)(?![a-zA-Z])\s*(?:\\[a-zA-Z]+|\\.|[^\s\\])"
-    r"|\\[a-zA-Z]+"
+    r"|\\operatorname\*|\\[a-zA-Z]+"
     r"|\\."
     r"|\S")
 
@@ -479,6 +481,26 @@ class Vocabulary:
 
 def detokenize(tokens: Sequence[str]) -> str:
     return " ".join(tokens)
+
+
+def compact_latex(tokens: Sequence[str]) -> str:
+    """Tokens as a person types LaTeX, the same formula to LaTeX: no spaces but after a control
+    word followed by a letter, and in a control space (the token `\\`)."""
+    text = ""
+    for token in tokens:
+        if re.search(r"\\[a-zA-Z]+$", text) and re.match(r"[a-zA-Z]", token):
+            text += " "
+        text += "\\ " if token == "\\" else token
+    return text
+
+
+OUTPUT_FORMATS = {"tokens": "{}", "latex": "{}", "inline": "${}$", "display": "\\[{}\\]"}
+
+
+def format_answer(tokens: Sequence[str], form: str) -> str:
+    """tokens: IM2LATEX-100K's space-separated tokens; latex: compact (see compact_latex);
+    inline and display: compact, wrapped in `$...$` or `\\[...\\]`."""
+    return OUTPUT_FORMATS[form].format(detokenize(tokens) if form == "tokens" else compact_latex(tokens))
 
 
 LEFT_DELIMITER = re.compile(r"\\left(?![a-zA-Z])")  # \left( or \left, not \leftarrow
@@ -1615,7 +1637,24 @@ class Predictor:
         """The canvases an image is read from (see preprocess_image)."""
         return preprocess_image(image, self.data, name, self.size_factors)
 
-    def read_best(self, owners: Sequence[int], sizes: Sequence[int], decode) -> tuple[list[tuple[list[str], float]], list[int]]:
+    def read(self, images: Sequence[str | Path | bytes | Image.Image | np.ndarray],
+             beam_width: int = 1) -> list[Reading]:
+        """Read images given as paths, encoded file bytes, PIL images or uint8 arrays (gray, RGB
+        or RGBA), decoding same-size ones together; a Reading per image, in order."""
+        def as_image(number: int, source) -> Image.Image:
+            if isinstance(source, (str, Path)):
+                return open_image(source)
+            if isinstance(source, bytes):
+                return decode_image(io.BytesIO(source), f"number {number} (bytes)")
+            if isinstance(source, np.ndarray):
+                return Image.fromarray(source)
+            return source
+
+        return self.read_images([self.preprocess(as_image(n, image), f"image {n}") for n, image in enumerate(images)],
+                                beam_width)
+
+    def read_best(self, owners: Sequence[int], sizes: Sequence[int],
+                  decode) -> tuple[list[tuple[list[str], float]], list[int]]:
         """The two rounds of reading: every entry at size 0 (as preprocessing leaves its image),
         then the other sizes of the images whose first answer scores at most confident_score.
         decode(entries) answers those entries, (tokens, score) each, in order. Returns every
@@ -2785,14 +2824,14 @@ def command_predict(args, config: Config) -> int:
                 raise UserError(f"cannot write the attention picture {path}: {error.strerror or error}") from None
     if args.json:
         answers = [{"image": name, "error": errors[name]} if name in errors else
-                   {"image": name, "latex": detokenize(results[name].tokens), "tokens": results[name].tokens,
+                   {"image": name, "latex": format_answer(results[name].tokens, args.format), "tokens": results[name].tokens,
                     "score": round(results[name].score, 4), "sizes_read": results[name].sizes_read}
                    for name in args.images]
         print(json.dumps({"load_seconds": round(load_seconds, 3), "decode_seconds": round(decode_seconds, 3),
                           "decoding": evaluation.describe_decoding(), "predictions": answers}, ensure_ascii=False))
     else:
         for name in args.images:
-            print(detokenize(results[name].tokens) if name in results else "")
+            print(format_answer(results[name].tokens, args.format) if name in results else "")
     return 1 if errors else 0
 
 
@@ -2861,6 +2900,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="beams compare log-probability / length ** X (default: evaluation.length_penalty)")
     sub.add_argument("--json", action="store_true",
                      help="machine-readable output with timings and each answer's length-normalised log-probability")
+    sub.add_argument("--format", choices=list(OUTPUT_FORMATS), default="tokens",
+                     help="tokens: IM2LATEX-100K's space-separated tokens (default); latex: the same LaTeX as a "
+                          "person types it; inline, display: that in $...$ or \\[...\\]")
     sub.add_argument("--attention", metavar="FILE.png",
                      help="also draw where the decoder looked for each token (FILE_<image>.png for several images)")
     sub.add_argument("--attention-layer", type=int, default=-1, metavar="L",

@@ -35,7 +35,7 @@ from PIL import Image
 
 import latexocr as L
 from latexocr import (EOS_ID, MODULE_DIR, PAD_ID, SOS_ID, SPLITS, Config, LatexOCR, Predictor, UserError,
-                      attention_picture, count_params, decode_image, detokenize, encode_for_decoding,
+                      attention_picture, compact_latex, count_params, decode_image, detokenize, encode_for_decoding,
                       find_checkpoint_dir, formula_lines, image_header_problem, load_predictor, load_split,
                       open_image, read_split_file, resolve_path, traced_program_dir, write_json_atomic)
 
@@ -689,14 +689,8 @@ def humanize_cells(tokens: Sequence[str]) -> list[str]:
 
 
 def humanize(formula: str) -> str:
-    """A normalized formula as a person types it: no spaces but where LaTeX needs one (after a
-    control word followed by a letter, and in a control space)."""
-    text = ""
-    for piece in humanize_tokens(formula.split()):
-        if re.search(r"\\[a-zA-Z]+$", text) and re.match(r"[a-zA-Z]", piece):
-            text += " "
-        text += "\\ " if piece == "\\" else piece
-    return text
+    """A normalized formula as a person types it (see humanize_tokens and compact_latex)."""
+    return compact_latex(humanize_tokens(formula.split()))
 
 
 def check_round_trip(formulas: Sequence[str]) -> tuple[float, float, list[dict[str, str]]]:

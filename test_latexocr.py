@@ -111,6 +111,32 @@ def test_tokenizer_round_trips_every_training_caption(vocab):
         assert vocab.tokenize(L.detokenize(tokens)) == tokens
 
 
+@pytest.mark.parametrize("tokens, latex", [
+    ("f _ { \\alpha } ( x ) = \\left( 4 \\operatorname { s i n } ^ { 2 } \\frac { x } { 2 } \\right)",
+     "f_{\\alpha}(x)=\\left(4\\operatorname{sin}^{2}\\frac{x}{2}\\right)"),
+    ("\\alpha x \\, \\beta 2 \\ y", "\\alpha x\\,\\beta2\\ y"),  # a space only where LaTeX needs one
+    ("\\operatorname* { l i m } \\begin{array} { c c } 1 & 2 \\\\ \\end{array}",
+     "\\operatorname*{lim}\\begin{array}{cc}1&2\\\\\\end{array}"),
+])
+def test_compact_latex_hand_worked(tokens, latex):
+    assert L.compact_latex(tokens.split()) == latex
+    assert L.format_answer(tokens.split(), "tokens") == tokens
+    assert L.format_answer(tokens.split(), "inline") == f"${latex}$"
+    assert L.format_answer(tokens.split(), "display") == f"\\[{latex}\\]"
+
+
+def test_compact_latex_tokenizes_back_to_the_caption(vocab):
+    """The compact form is the same formula: it splits back into the caption's tokens (a control
+    space splits as `\\ `), but for the 2 captions that hold a plain token of several characters
+    (`--`, `0.25`), which split into their characters."""
+    captions = [e["caption"].split() for e in json.loads((DATA / "train.json").read_text()).values()]
+    multi = [tokens for tokens in captions if any(len(t) > 1 and not t.startswith("\\") for t in tokens)]
+    assert len(multi) == 2
+    for tokens in captions:
+        if tokens not in multi:
+            assert ["\\" if t == "\\ " else t for t in vocab.tokenize(L.compact_latex(tokens))] == tokens
+
+
 @pytest.mark.parametrize("raw, tokens", [
     (r"\frac{a}{b}", [r"\frac", "{", "a", "}", "{", "b", "}"]),
     (r"\left(x\right)^2", [r"\left(", "x", r"\right)", "^", "2"]),
@@ -757,6 +783,19 @@ def test_cli_beam_search_predicts_and_evaluates(overfit_run, eight_examples, tmp
     assert json.loads((tmp_path / "predictions.json").read_text())["metrics"]["exact_match"] == 100.0
 
 
+def test_predictor_reads_paths_bytes_images_and_arrays_alike(overfit_run, eight_examples, capsys):
+    run_dir, _ = overfit_run
+    entries = list(json.loads(eight_examples.read_text()).values())[:2]
+    paths = [DATA / "images" / e["img_path"] for e in entries]
+    predictor = L.load_predictor(str(run_dir))
+    sources = [str(paths[0]), paths[1].read_bytes(), Image.open(paths[0]), np.asarray(Image.open(paths[1]).convert("RGB"))]
+    assert [r.tokens for r in predictor.read(sources)] == [e["caption"].split() for e in entries * 2]
+    with pytest.raises(L.UserError, match="cannot read image number 0"):
+        predictor.read([b"not an image"])
+    code, out, _ = run_main(["predict", paths[0], "--checkpoint", run_dir, "--format", "display"], capsys)
+    assert code == 0 and out == f"\\[{L.compact_latex(entries[0]['caption'].split())}\\]\n"
+
+
 def test_predict_uses_the_shipped_default_model(capsys):
     """The README's first command: the shipped model reads these two sample test images exactly."""
     captions = {entry["img_path"]: entry["caption"] for entry in json.loads((DATA / "test.json").read_text()).values()}
@@ -775,10 +814,11 @@ def test_readme_python_example_runs(capsys, monkeypatch):
     exec(compile(block, "README.md", "exec"), {})
     captions = {e["img_path"]: e["caption"] for e in json.loads((DATA / "test.json").read_text()).values()}
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 2
-    for line in lines:
+    assert len(lines) == 3
+    for line in lines[:2]:
         path, rest = line.split(" ", 1)
         assert rest.rsplit(" ", 1)[0] == captions[Path(path).name]
+    assert lines[2] == f"\\[{L.compact_latex(captions['159bf72783.png'].split())}\\]"
 
 
 def test_the_shipped_default_model_reads_the_image():
