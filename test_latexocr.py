@@ -289,21 +289,41 @@ def test_sample_splits_load_with_reports(vocab):
     assert counts == {"train": 897, "validate": 85, "test": 100}
 
 
-def test_bad_split_entries_are_skipped_and_counted(tmp_path, vocab):
+def test_bad_split_entries_are_skipped_and_counted_by_reason(tmp_path, vocab):
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copyfile(DATA / "images" / "1015942522.png", images / "good.png")
+    (images / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    Image.new("L", (50, 20), 255).save(images / "blank.png")
+    good = '{"img_path": "good.png", "caption": "x + \\\\notinvocab", "caption_len": 3}'
     split = tmp_path / "split.json"
-    split.write_text(json.dumps({
-        "ok.png": {"img_path": "1015942522.png", "caption": "x + \\notinvocab", "caption_len": 3},
-        "empty.png": {"img_path": "1015942522.png", "caption": "  ", "caption_len": 0},
-        "gone.png": {"img_path": "gone.png", "caption": "x", "caption_len": 1},
-        "nokeys.png": {"caption": "x"},
-        "long.png": {"img_path": "1015942522.png", "caption": "x " * 300, "caption_len": 300},
-    }))
-    examples, report = L.load_split(split, L.DataConfig(image_base_dir=str(DATA / "images")), vocab)
-    assert [e.name for e in examples] == ["ok.png"]
+    split.write_text("{" + ", ".join([
+        f'"a.png": {good}',
+        '"a.png": {"img_path": "other.png", "caption": "y", "caption_len": 1}',  # the same name again
+        '"list.png": [1, 2]',
+        '"number.png": {"img_path": "good.png", "caption": 5, "caption_len": 1}',
+        '"path_number.png": {"img_path": 7, "caption": "x", "caption_len": 1}',
+        '"nokeys.png": {"caption": "x"}',
+        '"empty.png": {"img_path": "good.png", "caption": "  ", "caption_len": 0}',
+        '"gone.png": {"img_path": "gone.png", "caption": "x", "caption_len": 1}',
+        f'"long.png": {{"img_path": "good.png", "caption": "{"x " * 300}", "caption_len": 300}}',
+        '"corrupt.png": {"img_path": "corrupt.png", "caption": "x", "caption_len": 1}',
+        '"blank.png": {"img_path": "blank.png", "caption": "x", "caption_len": 1}',
+    ]) + "}")
+    data = L.DataConfig(image_base_dir=str(images))
+    examples, report = L.load_split(split, data, vocab)
+    dataset = L.Dataset(examples, data, report)
+    assert [e.name for e in dataset.examples] == ["a.png"] and report.loaded == 1
     assert report.unknown_tokens == 1
-    assert {k: len(v) for k, v in report.skipped.items()} == {
-        "empty caption": 1, "image file missing": 1, "entry lacks img_path or caption strings": 1,
-        "caption longer than 254 tokens": 1}
+    assert dict(report.skipped) == {
+        "image name given again, first entry kept": ["a.png"],
+        "entry lacks img_path or caption strings": ["list.png", "number.png", "path_number.png", "nokeys.png"],
+        "empty caption": ["empty.png"], "image file missing": ["gone.png"],
+        "caption longer than 254 tokens": ["long.png"],
+        "image unreadable or blank": ["corrupt.png", "blank.png"]}
+    assert "skipped 2 (image unreadable or blank: corrupt.png, blank.png)" in report.summary()
+    with pytest.raises(L.UserError, match="corrupt.png"):
+        L.Dataset(examples[1:2], data)
 
 
 def test_epoch_batches_are_full_same_shape_and_reproducible(vocab):
@@ -1117,7 +1137,6 @@ def bad_files(tmp_path_factory):
     (["eval", "--checkpoint", "{run}", "--sample", "0"], "--sample must be at least 1"),
     (["train", "--config", "{bad}/missing.yaml"], "config file not found"),
     (["train", "--config", "{bad}/unknown_key.yaml"], "unknown config key 'training.learning_rate'"),
-    (["train", "--set", "training.batch_size=0"], "training.batch_size must be positive"),
     (["train", "--set", "data.vocab_path={bad}/none.json"], "vocabulary file not found"),
     (["train", "--set", "data.vocab_path={bad}/broken.json"], "not valid JSON"),
     (["train", "--set", "data.train_split={bad}/broken.json", "--set", "training.checkpoint_dir={bad}/r1"],
@@ -1238,37 +1257,6 @@ def test_predict_answers_or_refuses_each_hostile_image_and_goes_on(hostile_image
     lines = out.split("\n")[:-1]
     assert code == 1 and len(lines) == len(paths)
     assert [line == "" for line in lines] == [expected[p][0] == "error" for p in paths]
-
-
-def test_split_problems_are_skipped_and_counted_by_reason(tmp_path, vocab):
-    images = tmp_path / "images"
-    images.mkdir()
-    shutil.copyfile(DATA / "images" / "1015942522.png", images / "good.png")
-    (images / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    Image.new("L", (50, 20), 255).save(images / "blank.png")
-    good = '{"img_path": "good.png", "caption": "x + \\\\notinvocab", "caption_len": 3}'
-    split = tmp_path / "split.json"
-    split.write_text("{" + ", ".join([
-        f'"a.png": {good}',
-        '"a.png": {"img_path": "other.png", "caption": "y", "caption_len": 1}',  # the same name again
-        '"list.png": [1, 2]',
-        '"number.png": {"img_path": "good.png", "caption": 5, "caption_len": 1}',
-        '"path_number.png": {"img_path": 7, "caption": "x", "caption_len": 1}',
-        '"corrupt.png": {"img_path": "corrupt.png", "caption": "x", "caption_len": 1}',
-        '"blank.png": {"img_path": "blank.png", "caption": "x", "caption_len": 1}',
-    ]) + "}")
-    data = L.DataConfig(image_base_dir=str(images))
-    examples, report = L.load_split(split, data, vocab)
-    dataset = L.Dataset(examples, data, report)
-    assert [e.name for e in dataset.examples] == ["a.png"] and report.loaded == 1
-    assert report.unknown_tokens == 1
-    assert dict(report.skipped) == {
-        "image name given again, first entry kept": ["a.png"],
-        "entry lacks img_path or caption strings": ["list.png", "number.png", "path_number.png"],
-        "image unreadable or blank": ["corrupt.png", "blank.png"]}
-    assert "skipped 2 (image unreadable or blank: corrupt.png, blank.png)" in report.summary()
-    with pytest.raises(L.UserError, match="corrupt.png"):
-        L.Dataset(examples[1:2], data)
 
 
 @pytest.fixture(scope="module")
