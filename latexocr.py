@@ -1660,13 +1660,15 @@ class Predictor:
         decode(entries) answers those entries, (tokens, score) each, in order. Returns every
         entry's answer (unread: no tokens, score -inf) and, per image, the entry kept."""
         answers: list[tuple[list[str], float]] = [([], -math.inf)] * len(owners)
-        first = [entry for entry, size in enumerate(sizes) if size == 0]
-        for entries in (first, None):
-            if entries is None:
-                entries = other_sizes_to_read(owners, sizes, [score for _, score in answers], self.confident_score)
+
+        def read(entries: list[int]) -> list[float]:
             for entry, answer in zip(entries, decode(entries)):
                 answers[entry] = answer
-        return answers, best_scored(owners, [score for _, score in answers])
+            return [score for _, score in answers]
+
+        scores = read([entry for entry, size in enumerate(sizes) if size == 0])
+        scores = read(other_sizes_to_read(owners, sizes, scores, self.confident_score))
+        return answers, best_scored(owners, scores)
 
     def read_images(self, variants: Sequence[Sequence[np.ndarray]], beam_width: int = 1,
                     batch_size: int = 16) -> list[Reading]:
@@ -2250,7 +2252,8 @@ def cache_directory() -> str:
 
 def traced_program_dir() -> Path | None:
     """Where traced decoders are kept beside the compiled programs (see Predictor)."""
-    return Path(cache_directory()) / "latexocr-traced" if cache_directory() else None
+    directory = cache_directory()
+    return Path(directory) / "latexocr-traced" if directory else None
 
 
 def load_predictor(path: str, decoding: EvaluationConfig = EvaluationConfig(),
@@ -2419,8 +2422,8 @@ def run_training(trainee: Trainee, config: Config, run_dir: Path, resume: bool, 
     manager = checkpoint_manager(run_dir, training.keep_checkpoints)
     best_manager = checkpoint_manager(run_dir / "best", 1)
     step, best = 0, None
-    copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))  # the step donates params' buffers
-    ema = copy(params) if training.ema_decay else None
+    copy_tree = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))  # the step donates params' buffers
+    ema = copy_tree(params) if training.ema_decay else None
     if resume and manager.latest_step() is not None:
         step = manager.latest_step()
         metadata = read_metadata(run_dir, step)
@@ -2430,7 +2433,8 @@ def run_training(trainee: Trainee, config: Config, run_dir: Path, resume: bool, 
             items["ema_params"] = items["params"]
         restored = restore_items(run_dir, step, items)
         params, opt_state = restored["params"], restored["opt_state"]
-        ema = restored["ema_params"] if "ema_params" in restored else copy(params) if ema is not None else None
+        if ema is not None:
+            ema = restored["ema_params"] if "ema_params" in restored else copy_tree(params)
         best = metadata.get("best_metric")
     log.write("start", params=count_params(params), batch_size=training.batch_size,
               accum=training.grad_accum_steps, devices=jax.device_count(), processes=jax.process_count(),
