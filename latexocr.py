@@ -1169,13 +1169,28 @@ class DecoderBlock(nn.Module):
     def cross_keys_values(self, memory: jax.Array) -> tuple[jax.Array, jax.Array]:
         return self.cross_attention.keys_values(memory)
 
-    def __call__(self, x, cross_kv, self_kv, self_mask, deterministic):
-        """self_kv: keys/values to attend over; None means this x's own (full sequence)."""
+    def __call__(self, x, cross_kv, cells, deterministic):
+        """Teacher-forced: x [B, L, D] attends causally to itself, then to the image cells
+        (cells [B, cells]: which are image; None: all)."""
         h = self.norm_self(x)
-        k, v = self.self_attention.keys_values(h) if self_kv is None else self_kv(h)
-        x = x + self.dropout(self.self_attention(h, k, v, self_mask), deterministic=deterministic)
-        h = self.cross_attention(self.norm_cross(x), *cross_kv, mask=jnp.ones((), bool))
-        x = x + self.dropout(h, deterministic=deterministic)
+        causal = jnp.tril(jnp.ones((x.shape[1], x.shape[1]), bool))
+        x = x + self.dropout(self.self_attention(h, *self.self_attention.keys_values(h), causal),
+                             deterministic=deterministic)
+        return self.read_image_and_mix(x, cross_kv, cells, deterministic)
+
+    def step(self, x, cross_kv, cells, cache, position):
+        """One position: x [B, 1, D] and the keys/values of the positions before it, cache
+        (k, v) each [B, cache length, H, Dh] -> x, and the cache with this position's written in."""
+        h = self.norm_self(x)
+        cache = tuple(jax.lax.dynamic_update_slice_in_dim(stored, new.astype(stored.dtype), position, 1)
+                      for stored, new in zip(cache, self.self_attention.keys_values(h)))
+        visible = jnp.arange(cache[0].shape[1]) <= position
+        x = x + self.self_attention(h, *cache, visible)
+        return self.read_image_and_mix(x, cross_kv, cells, True), cache
+
+    def read_image_and_mix(self, x, cross_kv, cells, deterministic):
+        mask = jnp.ones((), bool) if cells is None else cells[:, None, None, :]
+        x = x + self.dropout(self.cross_attention(self.norm_cross(x), *cross_kv, mask), deterministic=deterministic)
         return x + self.dropout(self.mlp(self.norm_mlp(x), deterministic), deterministic=deterministic)
 
 
@@ -1222,35 +1237,27 @@ class LatexOCR(nn.Module):
     def _logits(self, x: jax.Array) -> jax.Array:
         return self.head(self.norm(x)).astype(jnp.float32)
 
-    def decode(self, tokens, cross_kv, deterministic: bool = True) -> jax.Array:
-        length = tokens.shape[1]
-        x = self._embed(tokens, jnp.arange(length), deterministic)
-        causal = jnp.tril(jnp.ones((length, length), bool))
+    def decode(self, tokens, cross_kv, deterministic: bool = True, cells: jax.Array | None = None) -> jax.Array:
+        x = self._embed(tokens, jnp.arange(tokens.shape[1]), deterministic)
         for block, kv in zip(self.blocks, cross_kv):
-            x = block(x, kv, None, causal, deterministic)
+            x = block(x, kv, cells, deterministic)
         return self._logits(x)
 
-    def decode_step(self, token: jax.Array, position: jax.Array, cache: list[dict[str, jax.Array]],
-                    cross_kv) -> tuple[jax.Array, list[dict[str, jax.Array]]]:
-        """One cached step: token [B] at position -> logits [B, vocab], updated cache."""
+    def decode_step(self, token: jax.Array, position: jax.Array, cache: list[tuple[jax.Array, jax.Array]],
+                    cross_kv, cells: jax.Array | None = None) -> tuple[jax.Array, list[tuple[jax.Array, jax.Array]]]:
+        """One cached step: token [B] at position -> logits [B, vocab], and the cache (per layer
+        its self-attention keys and values) with this position's written in."""
         x = self._embed(token[:, None], position[None], True)
-        visible = jnp.arange(cache[0]["k"].shape[1]) <= position  # [cache length]
         new_cache = []
-        for block, kv, layer in zip(self.blocks, cross_kv, cache):
-            def extend(h, block=block, layer=layer):
-                k, v = block.self_attention.keys_values(h)  # [B, 1, H, D]
-                layer_k = jax.lax.dynamic_update_slice_in_dim(layer["k"], k.astype(layer["k"].dtype), position, 1)
-                layer_v = jax.lax.dynamic_update_slice_in_dim(layer["v"], v.astype(layer["v"].dtype), position, 1)
-                new_cache.append({"k": layer_k, "v": layer_v})
-                return layer_k, layer_v
-            x = block(x, kv, extend, visible, True)
+        for block, kv, layer_cache in zip(self.blocks, cross_kv, cache):
+            x, layer_cache = block.step(x, kv, cells, layer_cache, position)
+            new_cache.append(layer_cache)
         return self._logits(x)[:, 0], new_cache
 
 
-def init_cache(cfg: ModelConfig, batch: int, length: int | None = None) -> list[dict[str, jax.Array]]:
+def init_cache(cfg: ModelConfig, batch: int, length: int | None = None) -> list[tuple[jax.Array, jax.Array]]:
     shape = (batch, length or cfg.max_seq_len, cfg.heads, cfg.dim // cfg.heads)
-    return [{"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
-            for _ in range(cfg.decoder_layers)]
+    return [(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)) for _ in range(cfg.decoder_layers)]
 
 
 class FeatureExtractor(nn.Module):
@@ -1320,13 +1327,38 @@ def count_params(params: Any) -> int:
 
 # --- decoding ---------------------------------------------------------------------------------
 
-def encode_for_decoding(model: LatexOCR, params: Any, images: jax.Array, copies: int = 1):
-    """Encode the images once; per decoder layer, their cross-attention keys/values, repeated
-    `copies` times per image (one per beam)."""
+class Memory(NamedTuple):
+    """What the decoder reads of a batch of encoded images: per decoder layer, the cross-attention
+    keys and values [B, length, H, Dh], and which of the length cells hold the image [B, length]
+    (the rest pad memories of different sizes to one length, so one decoder serves them all)."""
+    keys_values: list[tuple[jax.Array, jax.Array]]
+    cells: jax.Array
+
+
+def encode_memory(model: LatexOCR, params: Any, images: jax.Array, length: int | None = None) -> Memory:
+    """Encode images [B, H, W, 1] once for decoding; length: pad the memory to this many cells
+    (default: the images' own)."""
     variables = {"params": params}
-    memory = model.apply(variables, images, method=LatexOCR.encode)
-    cross_kv = model.apply(variables, memory, method=LatexOCR.cross_keys_values)
-    return jax.tree.map(lambda x: jnp.repeat(x, copies, axis=0), cross_kv)
+    keys_values = model.apply(variables, model.apply(variables, images, method=LatexOCR.encode),
+                              method=LatexOCR.cross_keys_values)
+    cells = keys_values[0][0].shape[1]
+    length = length or cells
+    pad = functools.partial(jnp.pad, pad_width=((0, 0), (0, length - cells), (0, 0), (0, 0)))
+    return Memory(jax.tree.map(pad, keys_values), jnp.broadcast_to(jnp.arange(length) < cells, (images.shape[0], length)))
+
+
+def repeat_memory(memory: Memory, copies: int) -> Memory:
+    """Each image's memory `copies` times in a row (one per beam)."""
+    return jax.tree.map(lambda x: jnp.repeat(x, copies, axis=0), memory)
+
+
+def step_function(model: LatexOCR, params: Any, memory: Memory):
+    """The decoder as the searches below see it (flax wmt's tokens_to_logits):
+    (token [B], position, cache) -> (logits [B, vocab], cache with this position written in)."""
+    def tokens_to_logits(token, position, cache):
+        return model.apply({"params": params}, token, position, cache, memory.keys_values, memory.cells,
+                           method=LatexOCR.decode_step)
+    return tokens_to_logits
 
 
 def cache_segments(max_seq_len: int) -> list[int]:
@@ -1348,14 +1380,11 @@ def run_in_segments(keep_going, step, state: dict[str, Any], segments: Sequence[
     return state
 
 
-def decode_loop(model: LatexOCR, params: Any, images: jax.Array, pick, key: jax.Array):
+def decode_loop(tokens_to_logits, cfg: ModelConfig, batch: int, pick, key: jax.Array):
     """The cached decoding loop shared by greedy decoding and sampling: one lax.while_loop that
     stops when every row has emitted <EOS>. `pick(logits [B, vocab], key) -> tokens [B]`.
     Returns tokens [B, max_seq_len] (<SOS> first, <PAD> after <EOS>) and the summed
     log-probability of each row's tokens [B]."""
-    cfg = model.cfg
-    batch = images.shape[0]
-    cross_kv = encode_for_decoding(model, params, images)
     segments = cache_segments(cfg.max_seq_len)
 
     def keep_going(s):
@@ -1363,11 +1392,10 @@ def decode_loop(model: LatexOCR, params: Any, images: jax.Array, pick, key: jax.
 
     def step(s):
         position, done = s["position"], s["done"]
-        logits, cache = model.apply({"params": params}, s["tokens"][:, position], position, s["cache"], cross_kv,
-                                    method=LatexOCR.decode_step)
-        chosen = pick(logits, jax.random.fold_in(key, position)).astype(jnp.int32)
-        chosen_log_prob = jnp.take_along_axis(jax.nn.log_softmax(logits), chosen[:, None], 1)[:, 0]
-        next_token = jnp.where(done, PAD_ID, chosen)
+        logits, cache = tokens_to_logits(s["tokens"][:, position], position, s["cache"])  # [B, vocab]
+        chosen = pick(logits, jax.random.fold_in(key, position)).astype(jnp.int32)  # [B]
+        chosen_log_prob = jnp.take_along_axis(jax.nn.log_softmax(logits), chosen[:, None], 1)[:, 0]  # [B]
+        next_token = jnp.where(done, PAD_ID, chosen)  # [B]
         return dict(position=position + 1, tokens=s["tokens"].at[:, position + 1].set(next_token),
                     log_prob=s["log_prob"] + jnp.where(done, 0.0, chosen_log_prob), cache=cache,
                     done=done | (next_token == EOS_ID))
@@ -1379,15 +1407,21 @@ def decode_loop(model: LatexOCR, params: Any, images: jax.Array, pick, key: jax.
     return state["tokens"], state["log_prob"]
 
 
+def greedy_pick(logits: jax.Array, key: jax.Array) -> jax.Array:
+    return jnp.argmax(logits, -1)
+
+
 def greedy_decode(model: LatexOCR, params: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return decode_loop(model, params, images, lambda logits, key: jnp.argmax(logits, -1), jax.random.PRNGKey(0))
+    tokens_to_logits = step_function(model, params, encode_memory(model, params, images))
+    return decode_loop(tokens_to_logits, model.cfg, images.shape[0], greedy_pick, jax.random.PRNGKey(0))
 
 
 def sample_decode(model: LatexOCR, params: Any, images: jax.Array, key: jax.Array,
                   temperature: float) -> tuple[jax.Array, jax.Array]:
     """Draw one sequence per image from the model's distribution sharpened (T < 1) or flattened
     (T > 1) by the temperature; the log-probabilities returned are those of the model itself."""
-    return decode_loop(model, params, images,
+    tokens_to_logits = step_function(model, params, encode_memory(model, params, images))
+    return decode_loop(tokens_to_logits, model.cfg, images.shape[0],
                        lambda logits, step_key: jax.random.categorical(step_key, logits / temperature), key)
 
 
@@ -1401,28 +1435,31 @@ def sequence_lengths(tokens: jax.Array) -> jax.Array:
     return jnp.sum(tokens[..., 1:] != PAD_ID, axis=-1)
 
 
-def greedy_with_scores(model: LatexOCR, params: Any, images: jax.Array,
-                       length_penalty: float) -> tuple[jax.Array, jax.Array]:
-    """Greedy tokens and their length-normalised scores, comparable with beam search's."""
-    tokens, log_prob = greedy_decode(model, params, images)
-    return tokens, length_normalised(log_prob, sequence_lengths(tokens), length_penalty)
+def gather_beams(x: jax.Array, beams: jax.Array) -> jax.Array:
+    """x [B, width, ...] -> x[b, beams[b, j]] [B, len(beams[b]), ...]."""
+    return jnp.take_along_axis(x, beams.reshape(*beams.shape, *[1] * (x.ndim - 2)), 1)
 
 
-def beam_search(model: LatexOCR, params: Any, images: jax.Array, beam_width: int,
-                length_penalty: float) -> tuple[jax.Array, jax.Array]:
+def best_beam(scores: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per image the highest score [B] and its beam's tokens [B, L], of scores [B, width] and
+    tokens [B, width, L]."""
+    top = jnp.argmax(scores, 1)[:, None]  # [B, 1]
+    return jnp.take_along_axis(scores, top, 1)[:, 0], gather_beams(tokens, top)[:, 0]
+
+
+def beam_loop(tokens_to_logits, cfg: ModelConfig, batch: int, beam_width: int,
+              length_penalty: float) -> tuple[jax.Array, jax.Array]:
     """Batched beam search over the KV cache in one lax.while_loop, which stops when every beam
     of every image has emitted <EOS> or can no longer beat the best finished one (or at
-    max_seq_len). Returns the best hypothesis per image,
-    tokens [B, max_seq_len], and its length-normalised score [B].
+    max_seq_len). tokens_to_logits reads rows image-major ([B * width]). Returns the best
+    hypothesis per image, tokens [B, max_seq_len], and its length-normalised score [B].
 
     Beams are ranked by summed log-probability. A finished beam stays in its slot, extended only
     by <PAD> at no cost, until better live beams push it out; the best finished hypothesis by
     length-normalised score is also kept aside, so a pushed-out one is never lost. Slot 0 follows
     the greedy path until greedy emits <EOS>, so the answer never scores below greedy decoding
     (the original's beam search could lose its best hypothesis); beam_width 1 is greedy."""
-    cfg, width = model.cfg, beam_width
-    batch, length, vocab = images.shape[0], cfg.max_seq_len, cfg.vocab_size
-    cross_kv = encode_for_decoding(model, params, images, width)
+    width, length, vocab = beam_width, cfg.max_seq_len, cfg.vocab_size
     segments = cache_segments(length)
     slot = jnp.arange(width)
     word = jnp.arange(vocab)
@@ -1447,44 +1484,57 @@ def beam_search(model: LatexOCR, params: Any, images: jax.Array, beam_width: int
 
     def step(s):
         position = s["position"]
-        logits, cache = model.apply({"params": params}, s["tokens"][:, :, position].reshape(-1), position,
-                                    s["cache"], cross_kv, method=LatexOCR.decode_step)
+        logits, cache = tokens_to_logits(s["tokens"][:, :, position].reshape(-1), position, s["cache"])
         log_probs = jax.nn.log_softmax(logits).reshape(batch, width, vocab)
-        pad_only = jnp.where(word == PAD_ID, 0.0, -jnp.inf)
-        candidates = s["log_prob"][:, :, None] + jnp.where(s["done"][:, :, None], pad_only, log_probs)
-        greedy_token = jnp.argmax(log_probs[:, 0], -1)
+        pad_only = jnp.where(word == PAD_ID, 0.0, -jnp.inf)  # [vocab]
+        candidates = s["log_prob"][:, :, None] + jnp.where(s["done"][:, :, None], pad_only, log_probs)  # [B, width, vocab]
+        greedy_token = jnp.argmax(log_probs[:, 0], -1)  # [B]
         forced = (s["on_greedy_path"][:, None, None] & (slot == 0)[None, :, None]
-                  & (word[None, None, :] == greedy_token[:, None, None]))
-        _, chosen = jax.lax.top_k(jnp.where(forced, jnp.inf, candidates).reshape(batch, -1), width)
-        parent, token = chosen // vocab, (chosen % vocab).astype(jnp.int32)
-        log_prob = jnp.take_along_axis(candidates.reshape(batch, -1), chosen, 1)
-        parent_done = jnp.take_along_axis(s["done"], parent, 1)
-        tokens = jnp.take_along_axis(s["tokens"], parent[:, :, None], 1).at[:, :, position + 1].set(token)
-        rows = (jnp.arange(batch)[:, None] * width + parent).reshape(-1)
-        finished_now = (token == EOS_ID) & ~parent_done
+                  & (word[None, None, :] == greedy_token[:, None, None]))  # [B, width, vocab]
+        _, chosen = jax.lax.top_k(jnp.where(forced, jnp.inf, candidates).reshape(batch, -1), width)  # [B, width]
+        parent, token = chosen // vocab, (chosen % vocab).astype(jnp.int32)  # [B, width] each
+        log_prob = jnp.take_along_axis(candidates.reshape(batch, -1), chosen, 1)  # [B, width]
+        parent_done = gather_beams(s["done"], parent)  # [B, width]
+        tokens = gather_beams(s["tokens"], parent).at[:, :, position + 1].set(token)  # [B, width, L]
+        finished_now = (token == EOS_ID) & ~parent_done  # [B, width]
         score = jnp.where(finished_now, length_normalised(log_prob, position + 1, length_penalty), -jnp.inf)
-        top = jnp.argmax(score, 1)
-        top_score = jnp.take_along_axis(score, top[:, None], 1)[:, 0]
-        improved = top_score > s["best_score"]
-        top_tokens = jnp.take_along_axis(tokens, top[:, None, None], 1)[:, 0]
+        top_score, top_tokens = best_beam(score, tokens)  # [B], [B, L]
+        rows = (jnp.arange(batch)[:, None] * width + parent).reshape(-1)  # [B * width]
         return dict(
             position=position + 1, tokens=tokens, log_prob=log_prob, done=parent_done | (token == EOS_ID),
             on_greedy_path=s["on_greedy_path"] & (greedy_token != EOS_ID),
             cache=jax.tree.map(lambda x: x[rows], cache),
-            best_tokens=jnp.where(improved[:, None], top_tokens, s["best_tokens"]),
+            best_tokens=jnp.where((top_score > s["best_score"])[:, None], top_tokens, s["best_tokens"]),
             best_score=jnp.maximum(top_score, s["best_score"]),
         )
 
     s = run_in_segments(keep_going, step, state, segments)
     # Beams still live here were cut off at max_seq_len; they compete too, so that a greedy path
     # that never ends is still a candidate.
-    live_score = jnp.where(s["done"], -jnp.inf, length_normalised(s["log_prob"], s["position"], length_penalty))
-    top = jnp.argmax(live_score, 1)
-    top_live = jnp.take_along_axis(live_score, top[:, None], 1)[:, 0]
-    use_live = top_live > s["best_score"]
-    live_tokens = jnp.take_along_axis(s["tokens"], top[:, None, None], 1)[:, 0]
-    return (jnp.where(use_live[:, None], live_tokens, s["best_tokens"]),
-            jnp.maximum(top_live, s["best_score"]))
+    live_score, live_tokens = best_beam(
+        jnp.where(s["done"], -jnp.inf, length_normalised(s["log_prob"], s["position"], length_penalty)), s["tokens"])
+    return (jnp.where((live_score > s["best_score"])[:, None], live_tokens, s["best_tokens"]),
+            jnp.maximum(live_score, s["best_score"]))
+
+
+def decode_memory(model: LatexOCR, params: Any, memory: Memory, beam_width: int,
+                  length_penalty: float) -> tuple[jax.Array, jax.Array]:
+    """Tokens [B, max_seq_len] and length-normalised scores [B] read from encoded images: greedy
+    at beam_width 1 (its scores comparable with beam search's), else beam search."""
+    batch = memory.cells.shape[0]
+    if beam_width == 1:
+        tokens, log_prob = decode_loop(step_function(model, params, memory), model.cfg, batch, greedy_pick,
+                                       jax.random.PRNGKey(0))
+        return tokens, length_normalised(log_prob, sequence_lengths(tokens), length_penalty)
+    tokens_to_logits = step_function(model, params, repeat_memory(memory, beam_width))
+    return beam_loop(tokens_to_logits, model.cfg, batch, beam_width, length_penalty)
+
+
+def beam_search(model: LatexOCR, params: Any, images: jax.Array, beam_width: int,
+                length_penalty: float) -> tuple[jax.Array, jax.Array]:
+    """beam_loop over images [B, H, W, 1] (at any width, 1 included)."""
+    memory = repeat_memory(encode_memory(model, params, images), beam_width)
+    return beam_loop(step_function(model, params, memory), model.cfg, images.shape[0], beam_width, length_penalty)
 
 
 def best_scored(owners: Sequence[int], scores: Sequence[float]) -> list[int]:
@@ -1556,11 +1606,24 @@ def exported_program(path: Path, export) -> jax.export.Exported:
     return exported
 
 
-class Predictor:
-    """A model with its parameters and vocabulary, and its jitted decoders (each compiled once
-    per image bucket shape, and for beam search once per beam width).
+def memory_lengths(cfg: ModelConfig, data: DataConfig) -> list[int]:
+    """The cell counts `predict` pads image memories to: 256 and 1,024 (a one-line formula of
+    IM2LATEX-100K's size fills up to 64 x 512 px, 256 cells of 16 x 8) where below the largest
+    bucket's cells, then those. Few lengths, few decoders; each padded cell costs every step."""
+    most = max(math.prod(cfg.cell_grid((1, height, width))) for height in data.bucket_heights
+               for width in data.bucket_widths)
+    return [n for n in (256, 1024) if n < most] + [most]
 
-    With a program_dir, each decoder is also traced only once across processes: tracing the
+
+def ink_columns(canvas: np.ndarray) -> int:
+    return int(np.count_nonzero(canvas.max(axis=0)))
+
+
+class Predictor:
+    """A model with its parameters and vocabulary, and its jitted programs: an encoder per image
+    shape and a decoder per batch size, memory length and beam width.
+
+    With a program_dir, each program is also traced only once across processes: tracing the
     decoding loops takes longer than reading their compiled code from the compilation cache,
     so a new `predict` process reads the traced program (jax.export) from program_dir."""
 
@@ -1568,18 +1631,15 @@ class Predictor:
                  decoding: EvaluationConfig = EvaluationConfig(), program_dir: Path | None = None):
         self.model, self.params, self.vocab, self.data = model, params, vocab, data
         self.size_factors, self.confident_score = tuple(decoding.size_factors), decoding.confident_score
-        length_penalty = decoding.length_penalty
+        self.length_penalty = decoding.length_penalty
+        self.memory_lengths = memory_lengths(model.cfg, data)
         self.program_dir = program_dir
-        self._decode = jax.jit(lambda p, images, width: greedy_with_scores(model, p, images, length_penalty)
-                               if width == 1 else beam_search(model, p, images, width, length_penalty),
-                               static_argnames="width")
-        self._length_penalty = length_penalty
-        self._exported: dict[tuple[tuple[int, ...], int], Any] = {}
+        self._programs: dict[Any, Any] = {}
         self._attention = jax.jit(lambda p, images, tokens, layer: cross_attention_maps(model, p, images, tokens, layer),
                                   static_argnames="layer")
 
     def with_params(self, params: Any) -> Predictor:
-        """The same decoders (compiled once) reading other parameters."""
+        """The same programs (compiled once) reading other parameters."""
         twin = copy.copy(self)
         twin.params = params
         return twin
@@ -1597,38 +1657,56 @@ class Predictor:
         maps = self._attention(self.params, jnp.asarray(canvas)[None, ..., None], jnp.asarray(rows), layer=layer % layers)
         return np.asarray(maps[0, : len(tokens)])
 
-    def decode_batch(self, images: np.ndarray, beam_width: int = 1) -> tuple[list[list[str]], np.ndarray]:
-        """images [B, H, W, 1] -> token lists and their length-normalised log-probabilities."""
-        ids, scores = self._decoder(images.shape, beam_width)(self.params, jnp.asarray(images))
+    def _program(self, kind: str, parts: tuple, function, *arrays):
+        """function(params, *arrays) jitted, once per kind, parts and input shapes; with a
+        program_dir, traced once across processes and read back from there."""
+        specs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (self.params, *arrays))
+        key = (kind, parts, jax.tree_util.tree_structure(specs), tuple(jax.tree.leaves(specs)))
+        if key not in self._programs:
+            program = jax.jit(function)
+            if self.program_dir is not None:
+                path = program_path(self.program_dir, kind, dataclasses.asdict(self.model.cfg), *parts,
+                                    jax.tree_util.tree_structure(specs), specs)
+                program = jax.jit(exported_program(path, lambda: jax.export.export(program)(*specs)).call)
+            self._programs[key] = program
+        return self._programs[key](self.params, *arrays)
+
+    def encode(self, images: np.ndarray, length: int | None = None) -> Memory:
+        """images [B, H, W, 1] -> their Memory, padded to length cells (default: their own)."""
+        keys_values, cells = self._program(
+            "encoder", (length,), lambda p, x: tuple(encode_memory(self.model, p, x, length)), images)
+        return Memory(keys_values, cells)
+
+    def decode_memory(self, memory: Memory, beam_width: int = 1) -> tuple[list[list[str]], np.ndarray]:
+        """Token lists and their length-normalised log-probabilities, read from encoded images."""
+        ids, scores = self._program(
+            "decoder", (self.length_penalty, beam_width),
+            lambda p, kv, cells: decode_memory(self.model, p, Memory(kv, cells), beam_width, self.length_penalty),
+            *memory)
         return [self.vocab.decode(row) for row in np.asarray(ids)], np.asarray(scores)
 
-    def _decoder(self, shape: tuple[int, ...], beam_width: int):
-        if self.program_dir is None:
-            return functools.partial(self._decode, width=beam_width)
-        if (shape, beam_width) not in self._exported:
-            params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.params)
-            images = jax.ShapeDtypeStruct(shape, jnp.float32)
-            path = program_path(self.program_dir, "decoder", dataclasses.asdict(self.model.cfg), self._length_penalty,
-                                shape, beam_width, jax.tree_util.tree_structure(params), params)
-            decode = jax.jit(functools.partial(self._decode, width=beam_width))
-            exported = exported_program(path, lambda: jax.export.export(decode)(params, images))
-            self._exported[shape, beam_width] = jax.jit(exported.call)
-        return self._exported[shape, beam_width]
+    def decode_batch(self, images: np.ndarray, beam_width: int = 1) -> tuple[list[list[str]], np.ndarray]:
+        """images [B, H, W, 1] of one shape -> token lists and their length-normalised log-probabilities."""
+        return self.decode_memory(self.encode(images), beam_width)
 
     def predict_images(self, canvases: Sequence[np.ndarray], beam_width: int = 1,
                        batch_size: int = 16) -> list[tuple[list[str], float]]:
-        """Decode preprocessed canvases of any bucket shapes, batching same-shape ones. A short
-        batch is padded to a power of two so that few batch sizes compile. Returns (tokens,
-        score) per canvas, in order."""
+        """Decode preprocessed canvases of any bucket shapes: each encoded alone and its memory
+        padded to the smallest of memory_lengths that holds it, then the memories of a length
+        decoded together, widest ink first (a batch runs until its longest answer ends), in batches
+        padded to a power of two, so few programs compile. (tokens, score) per canvas, in order."""
         results: list[tuple[list[str], float]] = [([], 0.0) for _ in canvases]
-        by_shape: dict[tuple[int, int], list[int]] = collections.defaultdict(list)
+        by_length: dict[int, list[int]] = collections.defaultdict(list)
         for i, canvas in enumerate(canvases):
-            by_shape[canvas.shape].append(i)
-        for members in by_shape.values():
+            cells = math.prod(self.model.cfg.cell_grid((1, *canvas.shape)))
+            by_length[next(n for n in self.memory_lengths if n >= cells)].append(i)
+        for length, members in by_length.items():
+            members.sort(key=lambda i: -ink_columns(canvases[i]))
             for start in range(0, len(members), batch_size):
                 chunk = members[start: start + batch_size]
-                padded = chunk + chunk[-1:] * (min(batch_size, 1 << (len(chunk) - 1).bit_length()) - len(chunk))
-                tokens, scores = self.decode_batch(np.stack([canvases[i] for i in padded])[..., None], beam_width)
+                memories = [self.encode(canvases[i][None, ..., None], length) for i in chunk]
+                memories += memories[-1:] * (min(batch_size, 1 << (len(chunk) - 1).bit_length()) - len(chunk))
+                tokens, scores = self.decode_memory(jax.tree.map(lambda *rows: np.concatenate(rows), *memories), beam_width)
                 for i, row, score in zip(chunk, tokens, scores):
                     results[i] = (row, float(score))
         return results

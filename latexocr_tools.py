@@ -35,7 +35,7 @@ from PIL import Image
 
 import latexocr as L
 from latexocr import (EOS_ID, MODULE_DIR, PAD_ID, SOS_ID, SPLITS, Config, LatexOCR, Predictor, UserError,
-                      attention_picture, compact_latex, count_params, decode_image, detokenize, encode_for_decoding,
+                      attention_picture, compact_latex, count_params, decode_image, detokenize, encode_memory,
                       find_checkpoint_dir, formula_lines, image_header_problem, load_predictor, load_split,
                       open_image, read_split_file, resolve_path, traced_program_dir, write_json_atomic)
 
@@ -1145,7 +1145,7 @@ class UncachedDecoder:
     def __init__(self, predictor: Predictor):
         model = predictor.model
         self.predictor = predictor
-        self.cross_kv = jax.jit(lambda p, images: encode_for_decoding(model, p, images))
+        self.cross_kv = jax.jit(lambda p, images: encode_memory(model, p, images).keys_values)
         self.prefix_logits = jax.jit(
             lambda p, tokens, cross_kv: model.apply({"params": p}, tokens, cross_kv, method=LatexOCR.decode))
 
@@ -1190,11 +1190,10 @@ def bench(predictor: Predictor, checkpoint: str, images: list[Path], repeats: in
     start = time.perf_counter()
     variants = [predictor.preprocess(open_image(path), str(path)) for path in images]
     results["preprocess_ms"] = 1000 * (time.perf_counter() - start) / len(images)
-    encode = jax.jit(lambda p, x: encode_for_decoding(predictor.model, p, x))
     sizes_read = []
     for canvases in each(variants, "compiling"):  # every shape used, once per decoder
         for canvas in canvases:
-            jax.block_until_ready(encode(predictor.params, canvas[None, ..., None]))
+            jax.block_until_ready(predictor.encode(canvas[None, ..., None]))
         sizes_read.append(predictor.read_images([canvases], 1, batch_size=1)[0].sizes_read)
         predictor.read_images([canvases], 5, batch_size=1)
     results["sizes_read_mean"] = float(np.mean(sizes_read))
@@ -1203,7 +1202,7 @@ def bench(predictor: Predictor, checkpoint: str, images: list[Path], repeats: in
     for canvases in each(variants, "batch 1"):
         first = canvases[0][None, ..., None]
         per_image["encoder"].append(median_seconds(
-            lambda: jax.block_until_ready(encode(predictor.params, first)), repeats))
+            lambda: jax.block_until_ready(predictor.encode(first)), repeats))
         per_image["greedy"].append(median_seconds(lambda: predictor.read_images([canvases], 1, batch_size=1), repeats))
         per_image["beam5"].append(median_seconds(lambda: predictor.read_images([canvases], 5, batch_size=1), repeats))
         lengths.append(len(predictor.decode_batch(first, 1)[0][0]))

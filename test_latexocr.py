@@ -552,7 +552,7 @@ def test_traced_programs_are_stored_and_read_back(overfit_run, eight_examples, v
     assert expected[0][0] == [examples[0].caption]
     assert answers(stored_predictor()) == expected
     stored = sorted(tmp_path.iterdir())
-    assert sorted(p.name.split("-")[0] for p in stored) == ["decoder", "decoder", "init"]
+    assert sorted(p.name.split("-")[0] for p in stored) == ["decoder", "decoder", "encoder", "init"]
     long_unused = time.time() - (L.UNUSED_PROGRAM_DAYS + 1) * 86400
     older_version = tmp_path / "decoder-of-an-older-version.bin"
     older_version.write_bytes(b"a program no version reads any more")
@@ -567,6 +567,28 @@ def test_traced_programs_are_stored_and_read_back(overfit_run, eight_examples, v
     assert answers(stored_predictor()) == expected
     assert f"traced program {broken} is unreadable" in capsys.readouterr().err
     assert broken.stat().st_size > 1000 and sorted(tmp_path.iterdir()) == stored
+
+
+def test_images_of_every_shape_share_one_decoder_and_read_as_alone(overfit_run, eight_examples, vocab, tmp_path):
+    """predict_images pads each image's memory to a common length, the padding masked: images of
+    several bucket shapes then decode through one decoder per batch size and beam width, and
+    each answers as it does decoded alone at its own memory length."""
+    run_dir, _ = overfit_run
+    model, params, _ = L.restore_model(str(run_dir), L.ModelConfig, tmp_path)
+    plain = L.load_predictor(str(run_dir))
+    predictor = L.Predictor(model, params, plain.vocab, plain.data, program_dir=tmp_path)
+    examples, _ = L.load_split(eight_examples, L.DataConfig(image_base_dir=str(DATA / "images")), vocab)
+    canvases = [L.preprocess_image(L.rescale_image(L.open_image(e.image_path), scale), predictor.data)[0]
+                for e in examples for scale in (1.0, 0.6, 1.7)]
+    shapes = {canvas.shape for canvas in canvases}
+    assert len(shapes) >= 3
+    for width in (1, 2):
+        alone = [plain.decode_batch(canvas[None, ..., None], width) for canvas in canvases]
+        together = predictor.predict_images(canvases, width, batch_size=32)
+        assert [tokens for tokens, _ in together] == [tokens[0] for tokens, _ in alone]
+        np.testing.assert_allclose([score for _, score in together], [scores[0] for _, scores in alone], atol=1e-4)
+    kinds = collections.Counter(path.name.split("-")[0] for path in tmp_path.iterdir())
+    assert kinds == {"init": 1, "encoder": len(shapes), "decoder": 2}
 
 
 def test_evaluation_over_size_variants_scores_each_image_once(overfit_run, eight_examples, vocab):
