@@ -59,7 +59,7 @@ def vocab():
 @pytest.fixture(scope="session")
 def eight_examples(tmp_path_factory):
     """Eight real training images of one bucket shape, written as their own split file."""
-    data = L.DataConfig(image_base_dir=str(DATA / "images"))
+    data = L.DataSection(image_base_dir=str(DATA / "images"))
     entries = json.loads((DATA / "train.json").read_text())
     examples, _ = L.load_split(DATA / "train.json", data, L.load_vocabulary(DATA / "vocab.json"))
     dataset = L.Dataset(examples, data)
@@ -81,7 +81,7 @@ def overfit_run(tmp_path_factory, eight_examples):
 
 @pytest.fixture(scope="session")
 def tiny_model(vocab):
-    cfg = L.model_config(L.load_config(None, ["model.size=tiny"]), len(vocab))
+    cfg = L.latexocr_config(L.load_config(None, ["model.size=tiny"]), len(vocab))
     model = L.LatexOCR(cfg)
     return model, L.init_params(model, 0)
 

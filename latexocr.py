@@ -63,6 +63,8 @@ class UserError(Exception):
 
 
 # --- config -----------------------------------------------------------------------------------
+# A `...Section` is one section of a YAML config file; a `...Config` fixes a network's shape
+# (LatexOCRConfig, FeatureExtractorConfig) and is saved with its checkpoints.
 
 MODEL_SIZES = {
     "tiny": dict(dim=64, encoder_layers=2, decoder_layers=2, heads=2, mlp_dim=128),
@@ -72,7 +74,7 @@ MODEL_SIZES = {
 
 
 @dataclasses.dataclass(frozen=True)
-class DataConfig:
+class DataSection:
     train_split: str = "data/train.json"
     validate_split: str = "data/validate.json"
     test_split: str = "data/test.json"
@@ -105,7 +107,7 @@ class ModelSection:
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainingConfig:
+class TrainingSection:
     checkpoint_dir: str = "runs/small"
     batch_size: int = 16
     grad_accum_steps: int = 1
@@ -135,7 +137,7 @@ class TrainingConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class EvaluationConfig:
+class EvaluationSection:
     checkpoint_path: str = "data/model"
     split: str = "test"
     batch_size: int = 32
@@ -186,7 +188,7 @@ class FeatureExtractorSection:
 
 
 @dataclasses.dataclass(frozen=True)
-class RLConfig:
+class RLSection:
     """Stage 2: loss = ce_weight * cross-entropy + lambda_rl * REINFORCE; lambda_rl 0 is plain
     cross-entropy. A sample's reward is extractor_weight * cosine(extractor features of sample and
     reference) + bleu_weight * its BLEU-4 + edit_weight * (1 - normalised edit distance)
@@ -205,16 +207,16 @@ class RLConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    data: DataConfig = DataConfig()
+    data: DataSection = DataSection()
     model: ModelSection = ModelSection()
-    training: TrainingConfig = TrainingConfig()
-    evaluation: EvaluationConfig = EvaluationConfig()
+    training: TrainingSection = TrainingSection()
+    evaluation: EvaluationSection = EvaluationSection()
     feature_extractor: FeatureExtractorSection = FeatureExtractorSection()
-    rl: RLConfig = RLConfig()
+    rl: RLSection = RLSection()
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class LatexOCRConfig:
     """Everything that fixes the network's shape; saved with every checkpoint."""
 
     vocab_size: int
@@ -235,7 +237,7 @@ class ModelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class ExtractorConfig:
+class FeatureExtractorConfig:
     """Everything that fixes the feature extractor's shape; saved with its checkpoints."""
 
     vocab_size: int
@@ -403,19 +405,19 @@ def load_config(path: str | None, set_options: Sequence[str] = ()) -> Config:
     return apply_overrides(config, parse_set_options(set_options))
 
 
-def model_config(config: Config, vocab_size: int) -> ModelConfig:
+def latexocr_config(config: Config, vocab_size: int) -> LatexOCRConfig:
     section = config.model
-    return ModelConfig(
+    return LatexOCRConfig(
         vocab_size=vocab_size, cell_height=section.cell_height, cell_width=section.cell_width,
         max_seq_len=section.max_seq_len,
         dropout=section.dropout, dtype="bfloat16" if config.training.bf16 else "float32",
         **MODEL_SIZES[section.size])
 
 
-def extractor_config(config: Config, vocab_size: int) -> ExtractorConfig:
+def feature_extractor_config(config: Config, vocab_size: int) -> FeatureExtractorConfig:
     section = config.feature_extractor
     size = MODEL_SIZES[section.size]
-    return ExtractorConfig(
+    return FeatureExtractorConfig(
         vocab_size=vocab_size, dim=size["dim"], layers=size["encoder_layers"], heads=size["heads"],
         mlp_dim=size["mlp_dim"], max_seq_len=config.model.max_seq_len, max_bracket_depth=section.max_bracket_depth,
         dropout=section.dropout, dtype="bfloat16" if config.training.bf16 else "float32")
@@ -639,13 +641,13 @@ def glyph_height(ink: np.ndarray) -> float | None:
     return float(np.median(tall)) if tall.size else None
 
 
-def glyph_scale(measured: float | None, data: DataConfig) -> float:
+def glyph_scale(measured: float | None, data: DataSection) -> float:
     if not data.glyph_height or measured is None or measured <= GLYPH_TOLERANCE * data.glyph_height:
         return 1.0
     return data.glyph_height / measured
 
 
-def scale_into_range(ink: np.ndarray, data: DataConfig, measured_glyph: float | None) -> np.ndarray:
+def scale_into_range(ink: np.ndarray, data: DataSection, measured_glyph: float | None) -> np.ndarray:
     """Scale (aspect kept) so the glyphs (measured_glyph px; None leaves them alone) are not much
     above the usual size, the ink height is within range and the width fits the widest bucket."""
     height, width = ink.shape
@@ -660,7 +662,7 @@ def scale_into_range(ink: np.ndarray, data: DataConfig, measured_glyph: float | 
     return resize_ink(ink, max(1, round(height * scale)), max(1, round(width * scale)))
 
 
-def choose_bucket(shape: tuple[int, int], data: DataConfig) -> tuple[int, int]:
+def choose_bucket(shape: tuple[int, int], data: DataSection) -> tuple[int, int]:
     height, width = shape[0] + 2 * data.margin, shape[1] + 2 * data.margin
     bucket_h = next((h for h in sorted(data.bucket_heights) if h >= height), max(data.bucket_heights))
     bucket_w = next((w for w in sorted(data.bucket_widths) if w >= width), max(data.bucket_widths))
@@ -689,7 +691,7 @@ SHRINK_FROM_GLYPH = 9.0
 ENLARGE_UP_TO_GLYPH = 6.0
 
 
-def size_variants(ink: np.ndarray, data: DataConfig, factors: Sequence[float]) -> list[np.ndarray]:
+def size_variants(ink: np.ndarray, data: DataSection, factors: Sequence[float]) -> list[np.ndarray]:
     """The crop as preprocessing scales it, then the crop resized by each factor its glyph height
     calls for (only brought within the ink height range and the widest bucket). Answers change
     with image size, and a wrong size tends to give a less confident answer, so whoever reads
@@ -706,7 +708,7 @@ def size_variants(ink: np.ndarray, data: DataConfig, factors: Sequence[float]) -
     return variants
 
 
-def preprocess_image(image: Image.Image, data: DataConfig, name: str = "image",
+def preprocess_image(image: Image.Image, data: DataSection, name: str = "image",
                      size_factors: Sequence[float] = ()) -> list[np.ndarray]:
     """The preprocessing of predict and serve (eval and train hold the same inks in a Dataset):
     canvases [bucket_h, bucket_w] float32, the first as preprocessing leaves the image, then the
@@ -805,7 +807,7 @@ def split_captions(path: str | Path) -> list[str]:
             if isinstance(e, dict) and isinstance(e.get("caption"), str)]
 
 
-def load_split(path: str | Path, data: DataConfig, vocab: Vocabulary) -> tuple[list[Example], SplitReport]:
+def load_split(path: str | Path, data: DataSection, vocab: Vocabulary) -> tuple[list[Example], SplitReport]:
     """Examples of one split; entries with problems are skipped and counted by reason."""
     max_tokens = max(data.sequence_buckets) - 2  # room for <SOS> and <EOS>
     entries, duplicates = read_split_file(path)
@@ -835,7 +837,7 @@ def load_split(path: str | Path, data: DataConfig, vocab: Vocabulary) -> tuple[l
     return examples, report
 
 
-def sequence_bucket(length: int, data: DataConfig) -> int:
+def sequence_bucket(length: int, data: DataSection) -> int:
     return next(b for b in sorted(data.sequence_buckets) if b >= length)
 
 
@@ -855,7 +857,7 @@ class Dataset:
     owners[i] says which of the distinct examples entry i is, and variants[i] which of its size
     variants (0: as preprocessing leaves it)."""
 
-    def __init__(self, examples: list[Example], data: DataConfig, report: SplitReport | None = None,
+    def __init__(self, examples: list[Example], data: DataSection, report: SplitReport | None = None,
                  workers: int = 2, image_scale: float = 1.0, size_factors: Sequence[float] = ()):
         """An image that cannot be read (corrupt, blank) is skipped and counted in `report`;
         without a report it is an error. Each image is first resized by image_scale."""
@@ -982,7 +984,7 @@ class TrainBatches(BatchStream):
         return self.dataset.batch(self.indices(k)[rows], rngs)
 
 
-def formula_bucket(formula: Sequence[str], data: DataConfig) -> int:
+def formula_bucket(formula: Sequence[str], data: DataSection) -> int:
     """The sequence bucket of `[CLS] formula [SEP]`; longer formulas are cut to the largest."""
     return sequence_bucket(min(len(formula) + 2, max(data.sequence_buckets)), data)
 
@@ -1026,7 +1028,7 @@ class FormulaBatches(BatchStream):
     """Random batches of formulas of one sequence bucket each (the bucket of a formula drawn
     uniformly, so buckets come up in proportion to their size)."""
 
-    def __init__(self, formulas: list[list[str]], vocab: Vocabulary, data: DataConfig, batch_size: int,
+    def __init__(self, formulas: list[list[str]], vocab: Vocabulary, data: DataSection, batch_size: int,
                  seed: int, max_depth: int):
         self.formulas, self.vocab, self.batch_size, self.seed, self.max_depth = formulas, vocab, batch_size, seed, max_depth
         self.buckets = [formula_bucket(f, data) for f in formulas]
@@ -1059,7 +1061,7 @@ def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 class MultiHeadAttention(nn.Module):
-    cfg: ModelConfig | ExtractorConfig  # both name the fields these blocks read
+    cfg: LatexOCRConfig | FeatureExtractorConfig  # both name the fields these blocks read
 
     def setup(self):
         heads, head_dim = self.cfg.heads, self.cfg.dim // self.cfg.heads
@@ -1078,7 +1080,7 @@ class MultiHeadAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    cfg: ModelConfig | ExtractorConfig
+    cfg: LatexOCRConfig | FeatureExtractorConfig
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
@@ -1088,7 +1090,7 @@ class MLP(nn.Module):
 
 
 class EncoderBlock(nn.Module):
-    cfg: ModelConfig | ExtractorConfig
+    cfg: LatexOCRConfig | FeatureExtractorConfig
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool, mask: jax.Array | None = None) -> jax.Array:
@@ -1120,7 +1122,7 @@ class ConvStem(nn.Module):
     wide, and early convolutions make transformers on images train more steadily (Xiao et al.
     2021, "Early convolutions help transformers see better")."""
 
-    cfg: ModelConfig
+    cfg: LatexOCRConfig
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
@@ -1138,7 +1140,7 @@ class Encoder(nn.Module):
     """Convolutional stem, fixed 2-D position code, pre-LN transformer blocks: [B, rows * cols, D],
     row by row."""
 
-    cfg: ModelConfig
+    cfg: LatexOCRConfig
 
     @nn.compact
     def __call__(self, images: jax.Array, deterministic: bool) -> jax.Array:
@@ -1156,7 +1158,7 @@ class Encoder(nn.Module):
 class DecoderBlock(nn.Module):
     """Pre-LN: causal self-attention, cross-attention to the image, MLP."""
 
-    cfg: ModelConfig
+    cfg: LatexOCRConfig
 
     def setup(self):
         cfg = self.cfg
@@ -1195,7 +1197,7 @@ class DecoderBlock(nn.Module):
 
 
 class LatexOCR(nn.Module):
-    cfg: ModelConfig
+    cfg: LatexOCRConfig
 
     def setup(self):
         cfg = self.cfg
@@ -1255,7 +1257,7 @@ class LatexOCR(nn.Module):
         return self._logits(x)[:, 0], new_cache
 
 
-def init_cache(cfg: ModelConfig, batch: int, length: int | None = None) -> list[tuple[jax.Array, jax.Array]]:
+def init_cache(cfg: LatexOCRConfig, batch: int, length: int | None = None) -> list[tuple[jax.Array, jax.Array]]:
     shape = (batch, length or cfg.max_seq_len, cfg.heads, cfg.dim // cfg.heads)
     return [(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)) for _ in range(cfg.decoder_layers)]
 
@@ -1264,7 +1266,7 @@ class FeatureExtractor(nn.Module):
     """A bidirectional Transformer over `[CLS] tokens [SEP]`, with a masked-LM head and a
     bracket-depth head used only in pretraining."""
 
-    cfg: ExtractorConfig
+    cfg: FeatureExtractorConfig
 
     def setup(self):
         cfg = self.cfg
@@ -1380,7 +1382,7 @@ def run_in_segments(keep_going, step, state: dict[str, Any], segments: Sequence[
     return state
 
 
-def decode_loop(tokens_to_logits, cfg: ModelConfig, batch: int, pick, key: jax.Array):
+def decode_loop(tokens_to_logits, cfg: LatexOCRConfig, batch: int, pick, key: jax.Array):
     """The cached decoding loop shared by greedy decoding and sampling: one lax.while_loop that
     stops when every row has emitted <EOS>. `pick(logits [B, vocab], key) -> tokens [B]`.
     Returns tokens [B, max_seq_len] (<SOS> first, <PAD> after <EOS>) and the summed
@@ -1447,7 +1449,7 @@ def best_beam(scores: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Arra
     return jnp.take_along_axis(scores, top, 1)[:, 0], gather_beams(tokens, top)[:, 0]
 
 
-def beam_loop(tokens_to_logits, cfg: ModelConfig, batch: int, beam_width: int,
+def beam_loop(tokens_to_logits, cfg: LatexOCRConfig, batch: int, beam_width: int,
               length_penalty: float) -> tuple[jax.Array, jax.Array]:
     """Batched beam search over the KV cache in one lax.while_loop, which stops when every beam
     of every image has emitted <EOS> or can no longer beat the best finished one (or at
@@ -1606,7 +1608,7 @@ def exported_program(path: Path, export) -> jax.export.Exported:
     return exported
 
 
-def memory_lengths(cfg: ModelConfig, data: DataConfig) -> list[int]:
+def memory_lengths(cfg: LatexOCRConfig, data: DataSection) -> list[int]:
     """The cell counts `predict` pads image memories to: 256 and 1,024 (a one-line formula of
     IM2LATEX-100K's size fills up to 64 x 512 px, 256 cells of 16 x 8) where below the largest
     bucket's cells, then those. Few lengths, few decoders; each padded cell costs every step."""
@@ -1627,8 +1629,8 @@ class Predictor:
     decoding loops takes longer than reading their compiled code from the compilation cache,
     so a new `predict` process reads the traced program (jax.export) from program_dir."""
 
-    def __init__(self, model: LatexOCR, params: Any, vocab: Vocabulary, data: DataConfig,
-                 decoding: EvaluationConfig = EvaluationConfig(), program_dir: Path | None = None):
+    def __init__(self, model: LatexOCR, params: Any, vocab: Vocabulary, data: DataSection,
+                 decoding: EvaluationSection = EvaluationSection(), program_dir: Path | None = None):
         self.model, self.params, self.vocab, self.data = model, params, vocab, data
         self.size_factors, self.confident_score = tuple(decoding.size_factors), decoding.confident_score
         self.length_penalty = decoding.length_penalty
@@ -1892,13 +1894,13 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothing: float)
     return (losses * weights).sum() / count, count
 
 
-def lr_schedule(training: TrainingConfig) -> optax.Schedule:
+def lr_schedule(training: TrainingSection) -> optax.Schedule:
     """Linear warmup to training.lr, cosine decay to 1 % of it at total_steps (optimizer updates)."""
     return optax.warmup_cosine_decay_schedule(
         0.0, training.lr, training.warmup_steps, training.total_steps, end_value=training.lr * 0.01)
 
 
-def make_optimizer(training: TrainingConfig) -> optax.GradientTransformation:
+def make_optimizer(training: TrainingSection) -> optax.GradientTransformation:
     optimizer = optax.chain(optax.clip_by_global_norm(training.grad_clip),
                             optax.adamw(lr_schedule(training), weight_decay=training.weight_decay))
     if training.grad_accum_steps > 1:
@@ -2008,7 +2010,7 @@ def formula_ids(row: np.ndarray) -> list[int]:
     return ids[: ids.index(EOS_ID)] if EOS_ID in ids else [t for t in ids if t != PAD_ID]
 
 
-def text_rewards(rl: RLConfig, references: Sequence[list[int]], hypotheses: Sequence[list[int]]) -> np.ndarray:
+def text_rewards(rl: RLSection, references: Sequence[list[int]], hypotheses: Sequence[list[int]]) -> np.ndarray:
     """The parts of each sample's reward computed from its tokens on the host: BLEU, edit
     similarity and the exact-match bonus (the extractor's part is added on the device)."""
     rewards = np.zeros(len(references), np.float32)
@@ -2029,7 +2031,7 @@ def trim_to_bucket(rows: np.ndarray, least: int, buckets: Sequence[int]) -> np.n
 
 
 def make_rl_step(model: LatexOCR, optimizer: optax.GradientTransformation, label_smoothing: float,
-                 rl: RLConfig, sequence_buckets: Sequence[int], extractor: tuple[Any, Any] | None = None):
+                 rl: RLSection, sequence_buckets: Sequence[int], extractor: tuple[Any, Any] | None = None):
     """The stage-2 step: draw one sequence per image with the KV-cached sampler (and, for the
     self-critical baseline, the greedy one), score it against the reference on the host, then
     one jitted update of ce_weight * CE + lambda_rl * REINFORCE. The sampled sequences'
@@ -2150,10 +2152,11 @@ def checkpoint_manager(directory: Path, keep: int):
     return ocp.CheckpointManager(directory.resolve(), options=options)
 
 
-CHECKPOINT_KINDS = {ModelConfig: "ocr", ExtractorConfig: "feature_extractor"}
+CHECKPOINT_KINDS = {LatexOCRConfig: "ocr", FeatureExtractorConfig: "feature_extractor"}
 
 
-def checkpoint_metadata(cfg: ModelConfig | ExtractorConfig, vocab: Vocabulary, data: DataConfig, extra: dict) -> dict:
+def checkpoint_metadata(cfg: LatexOCRConfig | FeatureExtractorConfig, vocab: Vocabulary, data: DataSection,
+                        extra: dict) -> dict:
     return {"kind": CHECKPOINT_KINDS[type(cfg)], "model": dataclasses.asdict(cfg), "vocab": list(vocab.tokens),
             "data": dataclasses.asdict(data), **extra}
 
@@ -2214,8 +2217,8 @@ def read_metadata(directory: Path, step: int) -> dict:
         raise UserError(f"checkpoint {directory / str(step)} has no readable metadata: {error}") from None
 
 
-def model_config_from_metadata(metadata: dict, where: Path, kind: type = ModelConfig):
-    """The saved ModelConfig (or ExtractorConfig), refusing a checkpoint of the other kind."""
+def network_config_from_metadata(metadata: dict, where: Path, kind: type = LatexOCRConfig):
+    """The saved LatexOCRConfig (or FeatureExtractorConfig), refusing a checkpoint of the other kind."""
     saved_kind = metadata.get("kind", "ocr")
     if saved_kind != CHECKPOINT_KINDS[kind]:
         names = {"ocr": "OCR model", "feature_extractor": "feature extractor"}
@@ -2312,13 +2315,14 @@ def parameter_shapes(model: nn.Module, init, program_dir: Path | None) -> Any:
 
 def restore_model(path: str, kind: type, program_dir: Path | None = None) -> tuple[Any, Any, dict]:
     """Model, parameters and metadata from a checkpoint alone (its best step); kind is
-    ModelConfig (the OCR model) or ExtractorConfig (the feature extractor). program_dir: see
+    LatexOCRConfig (the OCR model) or FeatureExtractorConfig (the feature extractor). program_dir: see
     parameter_shapes."""
-    module, init = {ModelConfig: (LatexOCR, init_params), ExtractorConfig: (FeatureExtractor, init_extractor_params)}[kind]
+    module, init = {LatexOCRConfig: (LatexOCR, init_params),
+                    FeatureExtractorConfig: (FeatureExtractor, init_extractor_params)}[kind]
     directory = find_checkpoint_dir(path)
     step = checkpoint_steps(directory)[-1]
     metadata = read_metadata(directory, step)
-    model = module(model_config_from_metadata(metadata, directory / str(step), kind))
+    model = module(network_config_from_metadata(metadata, directory / str(step), kind))
     target = abstract(parameter_shapes(model, init, program_dir))
     return model, restore_items(directory, step, {"params": target})["params"], metadata
 
@@ -2334,17 +2338,17 @@ def traced_program_dir() -> Path | None:
     return Path(directory) / "latexocr-traced" if directory else None
 
 
-def load_predictor(path: str, decoding: EvaluationConfig = EvaluationConfig(),
+def load_predictor(path: str, decoding: EvaluationSection = EvaluationSection(),
                    program_dir: Path | None = None) -> Predictor:
     """Rebuild model, parameters, vocabulary and image settings from a checkpoint alone, to decode
     as `decoding` says (beam length penalty, the other sizes an image is read at)."""
-    model, params, metadata = restore_model(path, ModelConfig, program_dir)
-    data = DataConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in metadata["data"].items()})
+    model, params, metadata = restore_model(path, LatexOCRConfig, program_dir)
+    data = DataSection(**{k: tuple(v) if isinstance(v, list) else v for k, v in metadata["data"].items()})
     return Predictor(model, params, Vocabulary(metadata["vocab"]), data, decoding, program_dir)
 
 
-def check_compatible(metadata: dict, cfg: ModelConfig | ExtractorConfig, vocab: Vocabulary, where: Path) -> None:
-    saved = model_config_from_metadata(metadata, where, type(cfg))
+def check_compatible(metadata: dict, cfg: LatexOCRConfig | FeatureExtractorConfig, vocab: Vocabulary, where: Path) -> None:
+    saved = network_config_from_metadata(metadata, where, type(cfg))
     differences = [f"{f}: checkpoint {getattr(saved, f)} vs config {getattr(cfg, f)}"
                    for f in (f.name for f in dataclasses.fields(cfg))
                    if f != "dtype" and getattr(saved, f) != getattr(cfg, f)]
@@ -2362,7 +2366,7 @@ def check_compatible(metadata: dict, cfg: ModelConfig | ExtractorConfig, vocab: 
 
 def load_feature_extractor(path: str) -> tuple[FeatureExtractor, Any, Vocabulary]:
     """The extractor model, its parameters and vocabulary from a `pretrain` checkpoint (best step)."""
-    model, params, metadata = restore_model(path, ExtractorConfig)
+    model, params, metadata = restore_model(path, FeatureExtractorConfig)
     return model, params, Vocabulary(metadata["vocab"])
 
 
@@ -2443,7 +2447,7 @@ def to_local(tree: Any) -> Any:
     return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
 
 
-def check_run_dir(run_dir: Path, resume: bool, cfg: ModelConfig | ExtractorConfig, vocab: Vocabulary) -> None:
+def check_run_dir(run_dir: Path, resume: bool, cfg: LatexOCRConfig | FeatureExtractorConfig, vocab: Vocabulary) -> None:
     """Before any work: a run folder is never overwritten, and a resumed run must have the model
     config and vocabulary its checkpoints were made with."""
     steps = checkpoint_steps(run_dir) if run_dir.is_dir() else []
@@ -2609,11 +2613,11 @@ def run_training(trainee: Trainee, config: Config, run_dir: Path, resume: bool, 
     return summary
 
 
-def initial_params(model: LatexOCR, training: TrainingConfig, vocab: Vocabulary) -> Any:
+def initial_params(model: LatexOCR, training: TrainingSection, vocab: Vocabulary) -> Any:
     """Random parameters, or those of training.init_checkpoint (checked against this model and vocabulary)."""
     if not training.init_checkpoint:
         return init_params(model, training.seed)
-    _, params, metadata = restore_model(training.init_checkpoint, ModelConfig)
+    _, params, metadata = restore_model(training.init_checkpoint, LatexOCRConfig)
     check_compatible(metadata, model.cfg, vocab, resolve_path(training.init_checkpoint))
     return params
 
@@ -2631,7 +2635,7 @@ def ocr_step_factory(model: LatexOCR, config: Config, vocab: Vocabulary):
                                           config.data.sequence_buckets, extractor)
 
 
-def frozen_extractor(section: FeatureExtractorSection, cfg: ModelConfig, vocab: Vocabulary) -> tuple[Any, Any]:
+def frozen_extractor(section: FeatureExtractorSection, cfg: LatexOCRConfig, vocab: Vocabulary) -> tuple[Any, Any]:
     """The reward's (features function, parameters) from feature_extractor.checkpoint_path,
     refusing one that cannot read this model's formulas."""
     advice = ("the REINFORCE reward uses the feature extractor (rl.extractor_weight > 0): make one with "
@@ -2653,7 +2657,7 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> dict[s
     """Train the OCR model with cross-entropy from config; returns the final summary."""
     training, data = config.training, config.data
     vocab = load_vocabulary(data.vocab_path)
-    cfg = model_config(config, len(vocab))
+    cfg = latexocr_config(config, len(vocab))
     run_dir = Path(training.checkpoint_dir).expanduser()
     check_run_dir(run_dir, resume, cfg, vocab)
     train_examples, train_report = load_split(data.train_split, data, vocab)
@@ -2690,7 +2694,7 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> dict[s
                         [train_report.summary(), val_report.summary()])
 
 
-def validation_batches(formulas: list[list[str]], vocab: Vocabulary, data: DataConfig, batch_size: int,
+def validation_batches(formulas: list[list[str]], vocab: Vocabulary, data: DataSection, batch_size: int,
                        max_depth: int) -> list[dict[str, np.ndarray]]:
     """Every formula once, in same-bucket batches; short batches are filled with empty rows,
     which have nothing to score."""
@@ -2712,7 +2716,7 @@ def pretrain(config: Config, resume: bool = False, progress: bool = True) -> dic
     feature_extractor.checkpoint_path; returns the final summary."""
     section, training, data = config.feature_extractor, config.training, config.data
     vocab = load_vocabulary(data.vocab_path)
-    cfg = extractor_config(config, len(vocab))
+    cfg = feature_extractor_config(config, len(vocab))
     run_dir = Path(section.checkpoint_path).expanduser()
     check_run_dir(run_dir, resume, cfg, vocab)
     notes, train_formulas = [], []

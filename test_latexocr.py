@@ -89,7 +89,7 @@ def test_shipped_configs_load():
     shipped = L.load_config(str(ROOT / "data" / "model" / "config.yaml"))
     metadata = L.read_metadata(ROOT / "data" / "model", L.checkpoint_steps(ROOT / "data" / "model")[-1])
     vocab = L.load_vocabulary(ROOT / shipped.data.vocab_path)
-    L.check_compatible(metadata, L.model_config(shipped, len(vocab)), vocab, ROOT / "data" / "model")
+    L.check_compatible(metadata, L.latexocr_config(shipped, len(vocab)), vocab, ROOT / "data" / "model")
 
 
 # --- vocabulary and tokenizer -------------------------------------------------------------------
@@ -168,7 +168,7 @@ def test_ink_crop_finds_the_formula():
 
 
 def test_preprocess_keeps_aspect_and_uses_a_bucket():
-    data = L.DataConfig(glyph_height=0)  # a 30 px block would otherwise be read as one large glyph
+    data = L.DataSection(glyph_height=0)  # a 30 px block would otherwise be read as one large glyph
     canvas = L.preprocess_image(formula_like(box=(0, 0, 299, 29), width=400), data)[0]
     assert canvas.shape == (64, 512)
     assert canvas.shape[0] % 16 == 0 and canvas.shape[1] % 16 == 0
@@ -177,7 +177,7 @@ def test_preprocess_keeps_aspect_and_uses_a_bucket():
 
 
 def test_wide_formula_is_shrunk_not_squashed():
-    data = L.DataConfig(glyph_height=0)
+    data = L.DataSection(glyph_height=0)
     canvas = L.preprocess_image(formula_like(width=2000, height=100, box=(0, 0, 1519, 39)), data)[0]
     rows, cols = np.nonzero(canvas > 0.5)
     height, width = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
@@ -190,7 +190,7 @@ def scaled_into_range(ink, data):
 
 
 def test_tiny_formula_is_scaled_up_to_min_height():
-    data = L.DataConfig()
+    data = L.DataSection()
     ink = scaled_into_range(L.ink_crop(formula_like(box=(10, 10, 69, 15))), data)
     assert ink.shape == (data.min_ink_height, 120)
 
@@ -218,9 +218,9 @@ def test_a_larger_formula_is_brought_to_the_usual_glyph_size(scale):
     with Image.open(DATA / "images" / "159bf72783.png") as image:
         image.load()
     resized = L.rescale_image(image, scale)
-    usual = scaled_into_range(L.ink_crop(image), L.DataConfig())
-    brought = scaled_into_range(L.ink_crop(resized), L.DataConfig())
-    left_alone = scaled_into_range(L.ink_crop(resized), L.DataConfig(glyph_height=0))
+    usual = scaled_into_range(L.ink_crop(image), L.DataSection())
+    brought = scaled_into_range(L.ink_crop(resized), L.DataSection())
+    left_alone = scaled_into_range(L.ink_crop(resized), L.DataSection(glyph_height=0))
     assert abs(brought.shape[0] / usual.shape[0] - 1) < 0.3, (brought.shape, usual.shape)
     assert abs(left_alone.shape[0] / usual.shape[0] - 1) > 0.3, (left_alone.shape, usual.shape)
 
@@ -228,13 +228,13 @@ def test_a_larger_formula_is_brought_to_the_usual_glyph_size(scale):
 def test_a_smaller_formula_keeps_its_size():
     with Image.open(DATA / "images" / "159bf72783.png") as image:
         small = L.ink_crop(L.rescale_image(image, 0.75))
-    np.testing.assert_array_equal(scaled_into_range(small, L.DataConfig()), small)
+    np.testing.assert_array_equal(scaled_into_range(small, L.DataSection()), small)
 
 
 def test_size_variants_follow_the_glyph_height():
     with Image.open(DATA / "images" / "159bf72783.png") as image:
         image.load()
-    data, factors = L.DataConfig(), (1.4, 0.7, 0.5)
+    data, factors = L.DataSection(), (1.4, 0.7, 0.5)
     usual = L.ink_crop(L.rescale_image(image, 0.7))  # glyphs 8 px: read once, as preprocessed
     assert [v.shape for v in L.size_variants(usual, data, factors)] == [scaled_into_range(usual, data).shape]
     large = L.ink_crop(L.rescale_image(image, 2.0))  # glyphs 21 px: also read at 0.7 and 0.5 times
@@ -251,7 +251,7 @@ def test_size_variants_follow_the_glyph_height():
 
 
 def test_transparent_and_inverted_images_match_the_plain_one():
-    data = L.DataConfig()
+    data = L.DataSection()
     plain = L.preprocess_image(formula_like(), data)[0]
     transparent = Image.new("RGBA", (300, 80), (0, 0, 0, 0))
     ImageDraw.Draw(transparent).rectangle((40, 20, 200, 50), fill=(0, 0, 0, 255))
@@ -262,7 +262,7 @@ def test_transparent_and_inverted_images_match_the_plain_one():
 
 def test_blank_image_is_a_user_error():
     with pytest.raises(L.UserError, match="no visible formula"):
-        L.preprocess_image(Image.new("L", (100, 40), 255), L.DataConfig())
+        L.preprocess_image(Image.new("L", (100, 40), 255), L.DataSection())
 
 
 def test_augmentation_keeps_ink_and_is_deterministic():
@@ -280,7 +280,7 @@ def test_augmentation_keeps_ink_and_is_deterministic():
 # --- data ---------------------------------------------------------------------------------------
 
 def test_sample_splits_load_with_reports(vocab):
-    data = L.DataConfig(image_base_dir=str(DATA / "images"))
+    data = L.DataSection(image_base_dir=str(DATA / "images"))
     counts = {}
     for split in L.SPLITS:
         examples, report = L.load_split(DATA / f"{split}.json", data, vocab)
@@ -310,7 +310,7 @@ def test_bad_split_entries_are_skipped_and_counted_by_reason(tmp_path, vocab):
         '"corrupt.png": {"img_path": "corrupt.png", "caption": "x", "caption_len": 1}',
         '"blank.png": {"img_path": "blank.png", "caption": "x", "caption_len": 1}',
     ]) + "}")
-    data = L.DataConfig(image_base_dir=str(images))
+    data = L.DataSection(image_base_dir=str(images))
     examples, report = L.load_split(split, data, vocab)
     dataset = L.Dataset(examples, data, report)
     assert [e.name for e in dataset.examples] == ["a.png"] and report.loaded == 1
@@ -327,7 +327,7 @@ def test_bad_split_entries_are_skipped_and_counted_by_reason(tmp_path, vocab):
 
 
 def test_epoch_batches_are_full_same_shape_and_reproducible(vocab):
-    data = L.DataConfig(image_base_dir=str(DATA / "images"))
+    data = L.DataSection(image_base_dir=str(DATA / "images"))
     examples, _ = L.load_split(DATA / "validate.json", data, vocab)
     dataset = L.Dataset(examples, data)
     first = dataset.epoch_batches(8, seed=3, epoch=1)
@@ -499,7 +499,7 @@ def test_tiny_model_overfits_eight_real_images_and_decodes_them_exactly(overfit_
     run_dir, summary = overfit_run
     assert summary["step"] == OVERFIT_STEPS
     predictor = L.load_predictor(str(run_dir))
-    examples, _ = L.load_split(eight_examples, L.DataConfig(image_base_dir=str(DATA / "images")), vocab)
+    examples, _ = L.load_split(eight_examples, L.DataSection(image_base_dir=str(DATA / "images")), vocab)
     canvases = [L.preprocess_image(L.open_image(e.image_path), predictor.data)[0] for e in examples]
     predictions = [tokens for tokens, _ in predictor.predict_images(canvases)]
     assert predictions == [e.caption for e in examples]
@@ -512,8 +512,8 @@ def test_reading_at_several_sizes_keeps_the_best_scored_answer(overfit_run, eigh
     """Every size read (confident_score 0), the best-scored answer is kept whatever the order;
     the other sizes are read only when the first answer scores at most confident_score."""
     run_dir, _ = overfit_run
-    predictor = L.load_predictor(str(run_dir), L.EvaluationConfig(confident_score=0.0))
-    examples, _ = L.load_split(eight_examples, L.DataConfig(image_base_dir=str(DATA / "images")), vocab)
+    predictor = L.load_predictor(str(run_dir), L.EvaluationSection(confident_score=0.0))
+    examples, _ = L.load_split(eight_examples, L.DataSection(image_base_dir=str(DATA / "images")), vocab)
     image = L.open_image(examples[0].image_path)
     canvases = [L.preprocess_image(L.rescale_image(image, scale), predictor.data)[0] for scale in (1.0, 0.6, 1.7)]
     answers = predictor.predict_images(canvases)
@@ -538,14 +538,14 @@ def test_traced_programs_are_stored_and_read_back(overfit_run, eight_examples, v
     it deletes programs unused for UNUSED_PROGRAM_DAYS."""
     run_dir, _ = overfit_run
     plain = L.load_predictor(str(run_dir))
-    examples, _ = L.load_split(eight_examples, L.DataConfig(image_base_dir=str(DATA / "images")), vocab)
+    examples, _ = L.load_split(eight_examples, L.DataSection(image_base_dir=str(DATA / "images")), vocab)
     canvas = L.preprocess_image(L.open_image(examples[0].image_path), plain.data)[0][None, ..., None]
 
     def answers(predictor):
         return [(tokens, scores.tolist()) for tokens, scores in (predictor.decode_batch(canvas, w) for w in (1, 2))]
 
     def stored_predictor():
-        model, params, _ = L.restore_model(str(run_dir), L.ModelConfig, tmp_path)
+        model, params, _ = L.restore_model(str(run_dir), L.LatexOCRConfig, tmp_path)
         return L.Predictor(model, params, plain.vocab, plain.data, program_dir=tmp_path)
 
     expected = answers(plain)
@@ -574,10 +574,10 @@ def test_images_of_every_shape_share_one_decoder_and_read_as_alone(overfit_run, 
     several bucket shapes then decode through one decoder per batch size and beam width, and
     each answers as it does decoded alone at its own memory length."""
     run_dir, _ = overfit_run
-    model, params, _ = L.restore_model(str(run_dir), L.ModelConfig, tmp_path)
+    model, params, _ = L.restore_model(str(run_dir), L.LatexOCRConfig, tmp_path)
     plain = L.load_predictor(str(run_dir))
     predictor = L.Predictor(model, params, plain.vocab, plain.data, program_dir=tmp_path)
-    examples, _ = L.load_split(eight_examples, L.DataConfig(image_base_dir=str(DATA / "images")), vocab)
+    examples, _ = L.load_split(eight_examples, L.DataSection(image_base_dir=str(DATA / "images")), vocab)
     canvases = [L.preprocess_image(L.rescale_image(L.open_image(e.image_path), scale), predictor.data)[0]
                 for e in examples for scale in (1.0, 0.6, 1.7)]
     shapes = {canvas.shape for canvas in canvases}
@@ -594,7 +594,7 @@ def test_images_of_every_shape_share_one_decoder_and_read_as_alone(overfit_run, 
 def test_evaluation_over_size_variants_scores_each_image_once(overfit_run, eight_examples, vocab):
     run_dir, _ = overfit_run
     predictor = L.load_predictor(str(run_dir))
-    data = L.DataConfig(image_base_dir=str(DATA / "images"))
+    data = L.DataSection(image_base_dir=str(DATA / "images"))
     examples, _ = L.load_split(eight_examples, data, vocab)
     # At twice the size every image's glyphs call for the 0.5 variant, close to the image as memorised
     # (measured: 7 of 8 read exactly over the variants, 1 of 8 from the usual preprocessing alone).
@@ -618,7 +618,7 @@ def test_image_reliance_tells_a_reader_from_a_decoder_that_ignores_the_image(eig
     """A stub that predicts the same tokens whatever the image gains nothing from the right
     image; a stub that finds its caption through the image (each image's mean ink picks the
     caption) loses nats when shown another example's image."""
-    data = L.DataConfig(image_base_dir=str(DATA / "images"))
+    data = L.DataSection(image_base_dir=str(DATA / "images"))
     examples, _ = L.load_split(eight_examples, data, vocab)
     dataset = L.Dataset(examples, data)
     language_model = jax.jit(lambda p, images, tokens: jax.nn.one_hot(tokens, len(vocab)) * p)
@@ -657,7 +657,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, eight_examples, vocab):
     summary = L.train(L.apply_overrides(L.Config(), tiny_overrides(resumed, eight_examples, **settings)),
                       resume=True, progress=False)
     assert summary["step"] == 6
-    target = {"params": L.abstract(L.init_params(L.LatexOCR(L.model_config(
+    target = {"params": L.abstract(L.init_params(L.LatexOCR(L.latexocr_config(
         L.load_config(None, ["model.size=tiny", "model.dropout=0"]), len(vocab))), 0))}
     straight_params = L.restore_items(straight, 6, target)["params"]
     resumed_params = L.restore_items(resumed, 6, target)["params"]
@@ -671,9 +671,9 @@ def test_weight_average_is_validated_saved_and_resumed(tmp_path, eight_examples,
     settings = dict(total_steps=2, warmup_steps=1, eval_every=1, keep_checkpoints=2, ema_decay=0.5)
     straight = tmp_path / "straight"
     L.train(L.apply_overrides(L.Config(), tiny_overrides(straight, eight_examples, **settings)), progress=False)
-    shapes = L.abstract(L.init_params(L.LatexOCR(L.model_config_from_metadata(L.read_metadata(straight, 2),
+    shapes = L.abstract(L.init_params(L.LatexOCR(L.network_config_from_metadata(L.read_metadata(straight, 2),
                                                                                 straight)), 0))
-    average = L.init_params(L.LatexOCR(L.model_config_from_metadata(L.read_metadata(straight, 2), straight)), 0)
+    average = L.init_params(L.LatexOCR(L.network_config_from_metadata(L.read_metadata(straight, 2), straight)), 0)
     for step in (1, 2):
         stored = L.restore_items(straight, step, {"params": shapes, "ema_params": shapes})
         average = jax.tree.map(lambda a, p: (a + p) / 2, average, stored["params"])
@@ -694,13 +694,13 @@ def test_weight_average_is_validated_saved_and_resumed(tmp_path, eight_examples,
 
 def test_gradient_accumulation_of_a_repeated_batch_equals_one_step(tiny_model, vocab):
     model, params = tiny_model
-    data = L.DataConfig(image_base_dir=str(DATA / "images"))
+    data = L.DataSection(image_base_dir=str(DATA / "images"))
     examples, _ = L.load_split(DATA / "validate.json", data, vocab)
     dataset = L.Dataset(examples, data)
     batch = dataset.batch(dataset.epoch_batches(4, 0, 0)[0])
     settings = dict(lr=1e-3, warmup_steps=0, total_steps=10)
-    single, accumulated = L.make_optimizer(L.TrainingConfig(**settings)), \
-        L.make_optimizer(L.TrainingConfig(grad_accum_steps=2, **settings))
+    single, accumulated = L.make_optimizer(L.TrainingSection(**settings)), \
+        L.make_optimizer(L.TrainingSection(grad_accum_steps=2, **settings))
     copy = lambda tree: jax.tree.map(jnp.array, tree)  # noqa: E731  (steps donate their inputs)
     key = jax.random.PRNGKey(0)
     one, _, _ = L.make_train_step(model, single, 0.0, 0.5)(copy(params), single.init(params), batch, key)
@@ -723,7 +723,7 @@ def test_ctc_loss_hand_worked():
 
 def test_train_step_adds_weighted_ctc_and_skips_it_at_weight_zero(tiny_model):
     model, params = tiny_model
-    optimizer = L.make_optimizer(L.TrainingConfig(warmup_steps=0, total_steps=10))
+    optimizer = L.make_optimizer(L.TrainingSection(warmup_steps=0, total_steps=10))
     batch = {"images": np.ones((2, 32, 128, 1), np.float32),
              "tokens": L.token_array([np.array([7, 8, 9]), np.array([10])], 6)}
     copy = lambda tree: jax.tree.map(jnp.array, tree)  # noqa: E731  (steps donate their inputs)
@@ -746,11 +746,11 @@ def test_encoder_gives_one_vector_per_cell(tiny_model):
 
 
 def test_bf16_compute_trains_with_float32_parameters(vocab):
-    cfg = L.model_config(L.load_config(None, ["model.size=tiny", "training.bf16=true"]), len(vocab))
+    cfg = L.latexocr_config(L.load_config(None, ["model.size=tiny", "training.bf16=true"]), len(vocab))
     assert cfg.dtype == "bfloat16"
     model = L.LatexOCR(cfg)
     params = L.init_params(model, 0)
-    optimizer = L.make_optimizer(L.TrainingConfig(warmup_steps=0, total_steps=10))
+    optimizer = L.make_optimizer(L.TrainingSection(warmup_steps=0, total_steps=10))
     batch = {"images": np.ones((2, 32, 128, 1), np.float32),
              "tokens": L.token_array([np.array([7, 8, 9]), np.array([10])], 6)}
     new_params, _, metrics = L.make_train_step(model, optimizer, 0.1, 0.5)(
@@ -817,7 +817,7 @@ def test_cli_beam_search_predicts_and_evaluates(overfit_run, eight_examples, tmp
     assert code == 0 and result["decoding"] == "beam 3, length penalty 0.7, size factors 1.4 0.7 0.5 below score -0.7"
     assert [p["latex"] for p in result["predictions"]] == [e["caption"] for e in entries[:3]]
     # Memorised, each first answer is confident (scores near 0), so no other size is read.
-    assert all(L.EvaluationConfig().confident_score < p["score"] <= 0 and p["sizes_read"] == 1 for p in result["predictions"])
+    assert all(L.EvaluationSection().confident_score < p["score"] <= 0 and p["sizes_read"] == 1 for p in result["predictions"])
     code, out, _ = run_main(["eval", "--checkpoint", run_dir, "--quiet", "--set", f"data.test_split={eight_examples}",
                              "--set", "evaluation.generation_method=beam", "--set", "evaluation.beam_width=2",
                              "--set", f"evaluation.output_dir={tmp_path}"], capsys)
@@ -969,7 +969,7 @@ def test_cls_pooling_returns_the_first_position(pretrained_extractor, vocab):
 # --- REINFORCE ----------------------------------------------------------------------------------
 
 def test_text_rewards_hand_worked():
-    rl = L.RLConfig(bleu_weight=0.5, edit_weight=0.25, exact_match_bonus=2.0)
+    rl = L.RLSection(bleu_weight=0.5, edit_weight=0.25, exact_match_bonus=2.0)
     references, hypotheses = [[7, 8, 9, 10], [11, 12]], [[7, 9, 10], [11, 12]]
     partial, exact = L.text_rewards(rl, references, hypotheses)
     assert exact == pytest.approx(0.5 * 1.0 + 0.25 * 1.0 + 2.0)
@@ -1012,7 +1012,7 @@ def test_rl_update_raises_the_probability_of_samples_above_the_baseline(tiny_mod
 
 @pytest.fixture(scope="module")
 def eight_batch(eight_examples, vocab):
-    data = L.DataConfig(image_base_dir=str(DATA / "images"))
+    data = L.DataSection(image_base_dir=str(DATA / "images"))
     dataset = L.Dataset(L.load_split(eight_examples, data, vocab)[0], data)
     mesh = L.data_parallel_mesh(8)
     rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
@@ -1021,10 +1021,10 @@ def eight_batch(eight_examples, vocab):
 
 def test_rl_step_with_lambda_zero_is_the_cross_entropy_step(tiny_model, eight_batch):
     model, params = tiny_model
-    optimizer = L.make_optimizer(L.TrainingConfig(lr=1e-3, warmup_steps=0, total_steps=10))
+    optimizer = L.make_optimizer(L.TrainingSection(lr=1e-3, warmup_steps=0, total_steps=10))
     copy = lambda tree: jax.tree.map(jnp.array, tree)  # noqa: E731  (steps donate their inputs)
     key = jax.random.PRNGKey(3)
-    rl = L.RLConfig(lambda_rl=0.0, extractor_weight=0.0, edit_weight=1.0)
+    rl = L.RLSection(lambda_rl=0.0, extractor_weight=0.0, edit_weight=1.0)
     ce_params, _, ce_metrics = L.make_train_step(model, optimizer, 0.1, 0.0)(
         copy(params), optimizer.init(params), eight_batch, key)
     rl_params, _, rl_metrics = L.make_rl_step(model, optimizer, 0.1, rl, (48, 96, 160, 256))(
@@ -1037,8 +1037,8 @@ def test_rl_step_with_lambda_zero_is_the_cross_entropy_step(tiny_model, eight_ba
 def test_extractor_reward_with_self_critical_baseline_steps(tiny_model, eight_batch, pretrained_extractor):
     model, params = tiny_model
     extractor, extractor_params, _ = L.load_feature_extractor(str(pretrained_extractor[0]))
-    optimizer = L.make_optimizer(L.TrainingConfig(lr=1e-3, warmup_steps=0, total_steps=10))
-    rl = L.RLConfig(lambda_rl=1.0, baseline="self_critical", exact_match_bonus=1.0)
+    optimizer = L.make_optimizer(L.TrainingSection(lr=1e-3, warmup_steps=0, total_steps=10))
+    rl = L.RLSection(lambda_rl=1.0, baseline="self_critical", exact_match_bonus=1.0)
     step = L.make_rl_step(model, optimizer, 0.1, rl, (48, 96, 160, 256),
                           (L.make_features(extractor, "mean"), extractor_params))
     _, _, metrics = step(jax.tree.map(jnp.array, params), optimizer.init(params), eight_batch, jax.random.PRNGKey(0))
@@ -1083,7 +1083,7 @@ def test_rl_refuses_a_missing_or_mismatched_extractor(tmp_path, eight_examples, 
 
 def final_params(run_dir, step):
     metadata = L.read_metadata(run_dir, step)
-    target = L.abstract(jax.eval_shape(lambda: L.init_params(L.LatexOCR(L.model_config_from_metadata(metadata, run_dir)), 0)))
+    target = L.abstract(jax.eval_shape(lambda: L.init_params(L.LatexOCR(L.network_config_from_metadata(metadata, run_dir)), 0)))
     return L.restore_items(run_dir, step, {"params": target})["params"]
 
 
@@ -1111,7 +1111,7 @@ def test_two_devices_and_two_processes_train_like_one_device(tmp_path, eight_exa
         assert process.returncode == 0, err
         assert json.loads(out.splitlines()[-1])["step"] == 3
     reference = final_params(tmp_path / "one", 3)
-    moved = distance(reference, L.init_params(L.LatexOCR(L.model_config_from_metadata(
+    moved = distance(reference, L.init_params(L.LatexOCR(L.network_config_from_metadata(
         L.read_metadata(tmp_path / "one", 3), tmp_path)), 0))
     # Splitting the batch only reorders float32 sums, and Adam magnifies such rounding in weights
     # whose gradient is near zero, so an absolute bound depends on the CPU (1.1e-4 on one machine,
@@ -1471,7 +1471,7 @@ def test_property_preprocessing_never_crashes_and_gives_a_bucket(mode, height, w
     ink = rng.random((height, width)) < ink_share
     pixels = np.where(ink, 0, 255).astype(np.uint8)
     image = Image.fromarray(pixels).convert(mode)
-    data = L.DataConfig()
+    data = L.DataSection()
     try:
         canvas = L.preprocess_image(image, data)[0]
     except L.UserError as error:

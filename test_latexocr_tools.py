@@ -182,7 +182,7 @@ def test_render_writes_a_split_and_reports_formulas_that_fail(tmp_path, capsys, 
     assert "Undefined control sequence" in report["failed"][1]["error"]
     written = json.loads((tmp_path / "out" / "train.json").read_text())
     assert sorted(e["caption"] for e in written.values()) == sorted(formulas * 2)
-    data = L.DataConfig(image_base_dir=str(tmp_path / "out" / "images"))
+    data = L.DataSection(image_base_dir=str(tmp_path / "out" / "images"))
     examples, split_report = L.load_split(tmp_path / "out" / "train.json", data, vocab)
     assert len(examples) == 10 and not split_report.skipped
     for formula in formulas:
@@ -234,7 +234,7 @@ def test_render_names_the_debian_packages_when_tex_is_missing(tmp_path, capsys, 
 
 def test_uncached_reference_decoder_agrees_with_cached_greedy(ending_model):
     model, params, images = ending_model
-    predictor = L.Predictor(model, params, L.load_vocabulary(DATA / "vocab.json"), L.DataConfig())
+    predictor = L.Predictor(model, params, L.load_vocabulary(DATA / "vocab.json"), L.DataSection())
     assert T.UncachedDecoder(predictor)(np.asarray(images[:3])) == predictor.decode_batch(np.asarray(images[:3]))[0]
 
 
