@@ -1110,29 +1110,57 @@ def median_seconds(function, repeats: int) -> float:
     return float(np.median(times))
 
 
-def timed_predict_process(image: Path, checkpoint: str, cache_dir: str) -> tuple[float, float]:
-    """Wall seconds from process start to the printed answer of a one-image `predict`, and the
-    process's peak resident memory in MB."""
+def timed_predict_process(images: Sequence[Path], checkpoint: str, cache_dir: str,
+                          beam_width: int = 1) -> tuple[float, float]:
+    """Wall seconds from process start to the printed answers of a `predict` of the images, and
+    the process's peak resident memory in MB."""
     import subprocess
 
     env = {**os.environ, "LATEXOCR_CACHE_DIR": cache_dir}
     with tempfile.TemporaryFile() as errors:
         start = time.perf_counter()
-        process = subprocess.Popen([sys.executable, str(MODULE_DIR / "latexocr.py"), "predict", str(image),
-                                    "--checkpoint", checkpoint], stdout=subprocess.DEVNULL, stderr=errors, env=env)
+        process = subprocess.Popen([sys.executable, str(MODULE_DIR / "latexocr.py"), "predict", *map(str, images),
+                                    "--checkpoint", checkpoint, "--beam", str(beam_width)],
+                                   stdout=subprocess.DEVNULL, stderr=errors, env=env)
         _, status, usage = os.wait4(process.pid, 0)
         seconds = time.perf_counter() - start
         process.returncode = os.waitstatus_to_exitcode(status)
         if process.returncode != 0:
             errors.seek(0)
-            raise UserError(f"bench: predict of {image} failed: {errors.read().decode(errors='replace').strip()}")
+            raise UserError(f"bench: predict of {images[0]} and others failed: "
+                            f"{errors.read().decode(errors='replace').strip()}")
     # ru_maxrss is in kilobytes on Linux.
     return seconds, usage.ru_maxrss / 1024
 
 
+# A user's `predict` call: one image, a page's worth, a folder's.
+PROCESS_IMAGE_COUNTS = (1, 21, 100)
+
+
+def predict_process_measures(images: list[Path], checkpoint: str, repeats: int, each) -> dict[str, float]:
+    """Whole `predict` processes on the first 1, 21 and 100 images, greedy and beam 5, with a warm
+    compile cache (a first run warms it): wall seconds, peak memory, and the seconds each image
+    beyond the first adds."""
+    results = {}
+    counts = sorted({min(count, len(images)) for count in PROCESS_IMAGE_COUNTS})
+    with tempfile.TemporaryDirectory() as cache_dir:
+        for name, width in (("greedy", 1), ("beam5", 5)):
+            for count in each(counts, f"predict processes, {name}"):
+                timed_predict_process(images[:count], checkpoint, cache_dir, width)
+                runs = [timed_predict_process(images[:count], checkpoint, cache_dir, width) for _ in range(repeats)]
+                seconds, rss = np.median(runs, axis=0)
+                results[f"process_{name}_{count}_s"], results[f"process_{name}_{count}_rss_mb"] = seconds, rss
+                if count > 1:
+                    one = results[f"process_{name}_{counts[0]}_s"]
+                    results[f"process_{name}_{count}_added_s_per_image"] = (seconds - one) / (count - 1)
+    return {key: float(value) for key, value in results.items()}
+
+
 BENCH_TARGETS = {  # for the `small` model on a 2-core CPU: (direction, value)
     "cold_predict_warm_cache_s": ("<=", 3.0), "greedy_ms": ("<=", 100.0), "beam5_ms": ("<=", 500.0),
-    "predict_peak_rss_mb": ("<=", 500.0), "kv_cache_speedup": (">=", 5.0),
+    "predict_peak_rss_mb": ("<=", 400.0), "kv_cache_speedup": (">=", 5.0),
+    "process_greedy_21_added_s_per_image": ("<=", 0.1), "process_beam5_21_added_s_per_image": ("<=", 0.3),
+    "process_greedy_21_rss_mb": ("<=", 500.0),
 }
 
 
@@ -1180,12 +1208,13 @@ def bench(predictor: Predictor, checkpoint: str, images: list[Path], repeats: in
                                "params": count_params(predictor.params)}
     with tempfile.TemporaryDirectory() as scratch:
         # Each repeat compiles into an empty cache directory, then reads it back in a new process.
-        runs = [(timed_predict_process(images[0], checkpoint, str(Path(scratch) / str(run))),
-                 timed_predict_process(images[0], checkpoint, str(Path(scratch) / str(run))))
+        runs = [(timed_predict_process(images[:1], checkpoint, str(Path(scratch) / str(run))),
+                 timed_predict_process(images[:1], checkpoint, str(Path(scratch) / str(run))))
                 for run in each(range(repeats), "cold predict")]
     (cold, cold_rss), (warm, warm_rss) = (np.median([run[i] for run in runs], axis=0) for i in (0, 1))
     results.update(cold_predict_empty_cache_s=float(cold), cold_predict_empty_cache_rss_mb=float(cold_rss),
                    cold_predict_warm_cache_s=float(warm), predict_peak_rss_mb=float(warm_rss))
+    results.update(predict_process_measures(images, checkpoint, repeats, each))
 
     start = time.perf_counter()
     variants = [predictor.preprocess(open_image(path), str(path)) for path in images]
@@ -1248,10 +1277,22 @@ BENCH_ROWS = [
 ]
 
 
+def process_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
+    rows = []
+    for name, method in (("greedy", "greedy"), ("beam5", "beam 5")):
+        for count in sorted(int(key.split("_")[2]) for key in results
+                            if key.startswith(f"process_{name}_") and key.endswith("_rss_mb")):
+            prefix = f"process_{name}_{count}"
+            rows += [(f"{prefix}_s", f"predict process, {count} image{'s' * (count > 1)}, {method}", "{:.2f} s"),
+                     (f"{prefix}_added_s_per_image", "  each image beyond the first", "{:.3f} s"),
+                     (f"{prefix}_rss_mb", "  its peak resident memory", "{:.0f} MB")]
+    return rows
+
+
 def format_bench(results: dict[str, Any]) -> str:
     lines = [f"{results['images']} images, {results['params'] / 1e6:.1f} M parameters, {results['device']}",
              f"{'measure':<48} {'median':>14}  target (small, 2-core CPU)"]
-    for key, label, fmt in BENCH_ROWS:
+    for key, label, fmt in BENCH_ROWS[:4] + process_rows(results) + BENCH_ROWS[4:]:
         if key not in results:
             continue
         target = ""

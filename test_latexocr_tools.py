@@ -248,7 +248,12 @@ def test_cli_bench_reports_every_measure(overfit_run, eight_examples, capsys):
     for key, _, _ in T.BENCH_ROWS:
         if not key.startswith("long") and key != "kv_cache_speedup":
             assert results[key] > 0, key
-    assert "greedy, batch 1, per image" in T.format_bench(results)
+    for method in ("greedy", "beam5"):
+        assert results[f"process_{method}_2_s"] > 0.5 and results[f"process_{method}_2_rss_mb"] > 100
+        assert results[f"process_{method}_2_added_s_per_image"] == pytest.approx(
+            results[f"process_{method}_2_s"] - results[f"process_{method}_1_s"])
+    table = T.format_bench(results)
+    assert "greedy, batch 1, per image" in table and "predict process, 2 images, beam 5" in table
 
 
 # --- web service and attention pictures ----------------------------------------------------------
