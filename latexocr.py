@@ -123,6 +123,9 @@ class TrainingSection:
     ctc_weight: float = 0.5
     bf16: bool = False
     augment: bool = True
+    # Half the training images are shrunk by a random factor down to this (bicubic, as a screenshot
+    # at a lower zoom), so the model also meets glyphs smaller than IM2LATEX-100K's; 1: never.
+    shrink_to: float = 1.0
     seed: int = 0
     eval_every: int = 500
     val_samples: int = 200
@@ -342,6 +345,7 @@ def validate_config(config: Config) -> Config:
         (training.val_samples > 0, "training.val_samples must be positive"),
         (training.keep_checkpoints > 0, "training.keep_checkpoints must be positive"),
         (0 <= training.ema_decay < 1, "training.ema_decay must be in [0, 1) (0: no average)"),
+        (0 < training.shrink_to <= 1, "training.shrink_to must be in (0, 1] (1: never shrink)"),
         (evaluation.batch_size > 0, "evaluation.batch_size must be positive"),
         (evaluation.split in SPLITS, f"evaluation.split must be one of {', '.join(SPLITS)}"),
         (evaluation.primary_metric in METRIC_DIRECTIONS,
@@ -740,6 +744,17 @@ def augment_ink(ink: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
+def shrink_ink(ink: np.ndarray, rng: np.random.Generator, smallest: float, data: DataSection) -> np.ndarray:
+    """Half the time, the ink crop shrunk by a random factor in [smallest, 1], no lower than
+    preprocessing would leave it (data.min_ink_height)."""
+    if smallest >= 1 or rng.random() < 0.5:
+        return ink
+    height, width = ink.shape
+    factor = max(rng.uniform(smallest, 1.0), min(1.0, data.min_ink_height / height))
+    size = (max(1, round(width * factor)), max(1, round(height * factor)))
+    return np.asarray(Image.fromarray(ink).resize(size, Image.BICUBIC))
+
+
 def add_noise(canvas: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     if rng.random() < 0.3:
         canvas = np.clip(canvas + rng.normal(0, rng.uniform(0.01, 0.08), canvas.shape), 0, 1)
@@ -924,15 +939,17 @@ class Dataset:
                 batches.append((np.array(chunk + [chunk[0]] * (batch_size - len(chunk))), len(chunk)))
         return batches
 
-    def batch(self, indices: np.ndarray, rngs: Sequence[np.random.Generator] | None = None) -> dict[str, np.ndarray]:
-        """images [batch, H, W, 1] float32 and tokens [batch, L] int32; row i augmented with
-        rngs[i] when rngs are given."""
+    def batch(self, indices: np.ndarray, rngs: Sequence[np.random.Generator] | None = None,
+              augment: bool = False, shrink_to: float = 1.0) -> dict[str, np.ndarray]:
+        """images [batch, H, W, 1] float32 and tokens [batch, L] int32; with rngs, row i is shrunk
+        (see shrink_ink) and augmented as asked, drawing from rngs[i]."""
         height, width, length = self.keys[indices[0]]
         images = []
         for row, i in enumerate(indices):
-            ink = self.inks[i] if rngs is None else augment_ink(self.inks[i], rngs[row])
+            ink = self.inks[i] if rngs is None else shrink_ink(self.inks[i], rngs[row], shrink_to, self.data)
+            ink = augment_ink(ink, rngs[row]) if augment else ink
             canvas = place_in_bucket(ink, (height, width), self.data.margin)
-            images.append(canvas if rngs is None else add_noise(canvas, rngs[row]))
+            images.append(add_noise(canvas, rngs[row]) if augment else canvas)
         tokens = token_array([self.examples[i].ids for i in indices], length)
         return {"images": np.stack(images)[..., None], "tokens": tokens}
 
@@ -964,10 +981,12 @@ class BatchStream:
 
 
 class TrainBatches(BatchStream):
-    """Same-shape image batches of a Dataset, a shuffled epoch at a time, augmented if asked."""
+    """Same-shape image batches of a Dataset, a shuffled epoch at a time, shrunk and augmented
+    as `training` asks."""
 
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int, augment: bool):
-        self.dataset, self.batch_size, self.seed, self.augment = dataset, batch_size, seed, augment
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, augment: bool = False, shrink_to: float = 1.0):
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.augment, self.shrink_to = augment, shrink_to
         self.per_epoch = len(dataset.epoch_batches(batch_size, seed, 0))
         self._epoch_cache: tuple[int, list[np.ndarray]] = (-1, [])
 
@@ -980,8 +999,9 @@ class TrainBatches(BatchStream):
     def make(self, k: int) -> dict[str, np.ndarray]:
         rows = self.own_rows(self.batch_size)
         # One generator per row of the global batch, so a row looks the same however it is sharded.
-        rngs = [np.random.default_rng([self.seed, 1, k, row]) for row in rows] if self.augment else None
-        return self.dataset.batch(self.indices(k)[rows], rngs)
+        distorted = self.augment or self.shrink_to < 1
+        rngs = [np.random.default_rng([self.seed, 1, k, row]) for row in rows] if distorted else None
+        return self.dataset.batch(self.indices(k)[rows], rngs, self.augment, self.shrink_to)
 
 
 def formula_bucket(formula: Sequence[str], data: DataSection) -> int:
@@ -2683,7 +2703,7 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> dict[s
     trainee = Trainee(
         params=params,
         make_step=make_ocr_step,
-        batches=TrainBatches(train_set, training.batch_size, training.seed, training.augment),
+        batches=TrainBatches(train_set, training.batch_size, training.seed, training.augment, training.shrink_to),
         validate=validate if val_set is not None else None,
         primary_metric=config.evaluation.primary_metric,
         maximize=METRIC_DIRECTIONS[config.evaluation.primary_metric] == "max",

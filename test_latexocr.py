@@ -277,6 +277,32 @@ def test_augmentation_keeps_ink_and_is_deterministic():
     assert 0.4 < (a > 64).sum() / (ink > 64).sum() < 2.5
 
 
+def test_shrinking_makes_half_the_rows_smaller_down_to_the_ink_height_floor():
+    data = L.DataSection()
+    ink = L.ink_crop(L.open_image(DATA / "images" / "1015942522.png"))
+    shrunk = [L.shrink_ink(ink, np.random.default_rng([0, row]), 0.5, data) for row in range(60)]
+    smaller = [a for a in shrunk if a.shape != ink.shape]
+    assert 15 <= len(smaller) <= 45 and all(a is ink for a in shrunk if a.shape == ink.shape)
+    for a in smaller:  # the same formula at a factor f in [0.5, 1): height, width and ink area follow f
+        factor = a.shape[1] / ink.shape[1]
+        assert 0.5 - 1 / ink.shape[1] <= factor < 1 and abs(a.shape[0] - factor * ink.shape[0]) <= 1
+        assert (a.astype(float).sum() / ink.sum()) == pytest.approx(factor ** 2, rel=0.1)
+    np.testing.assert_array_equal(L.shrink_ink(ink, np.random.default_rng([0, 7]), 0.5, data), shrunk[7])
+    assert L.shrink_ink(ink, np.random.default_rng(0), 1.0, data) is ink
+    short = ink[:14]
+    assert min(L.shrink_ink(short, np.random.default_rng([0, row]), 0.3, data).shape[0] for row in range(20)) == 12
+
+
+def test_training_batches_shrink_some_rows_the_same_way_every_time(eight_examples, vocab):
+    data = L.DataSection(image_base_dir=str(DATA / "images"))
+    dataset = L.Dataset(L.load_split(eight_examples, data, vocab)[0], data)
+    plain = L.TrainBatches(dataset, 8, 0).make(0)["images"]
+    shrunk = L.TrainBatches(dataset, 8, 0, shrink_to=0.5).make(0)["images"]
+    np.testing.assert_array_equal(shrunk, L.TrainBatches(dataset, 8, 0, shrink_to=0.5).make(0)["images"])
+    ink = (shrunk > 0.25).sum((1, 2, 3)), (plain > 0.25).sum((1, 2, 3))
+    assert 0 < np.sum(ink[0] < ink[1]) < 8 and np.all(ink[0] <= ink[1])
+
+
 # --- data ---------------------------------------------------------------------------------------
 
 def test_sample_splits_load_with_reports(vocab):
