@@ -672,35 +672,19 @@ def test_training_log_and_best_checkpoint_written(overfit_run):
     assert meta["model"]["dim"] == 64 and meta["vocab"][:7] == list(L.SPECIAL_TOKENS)
 
 
-def test_resume_equals_uninterrupted_run(tmp_path, eight_examples, vocab):
-    settings = dict(total_steps=6, warmup_steps=2, eval_every=3, keep_checkpoints=3, augment=True)
+def test_resume_equals_uninterrupted_run_weights_and_average(tmp_path, eight_examples, vocab):
+    """A run resumed from step 2 (beside a save that crashed half-way) ends with exactly the weights
+    and weight average of an uninterrupted one, shrinking and augmentation included. With
+    ema_decay 0.5 the average after each step is the mean of the last average and the new weights,
+    starting from the initial ones; the best checkpoint holds the average, the latest both."""
+    settings = dict(total_steps=4, warmup_steps=1, eval_every=1, keep_checkpoints=4, augment=True, shrink_to=0.5,
+                    ema_decay=0.5)
     straight = tmp_path / "straight"
     L.train(L.apply_overrides(L.Config(), tiny_overrides(straight, eight_examples, **settings)), progress=False)
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(straight / "3", resumed / "3")
-    (resumed / "3.orbax-checkpoint-tmp-1").mkdir()  # a save that crashed half-way is ignored
-    summary = L.train(L.apply_overrides(L.Config(), tiny_overrides(resumed, eight_examples, **settings)),
-                      resume=True, progress=False)
-    assert summary["step"] == 6
-    target = {"params": L.abstract(L.init_params(L.LatexOCR(L.latexocr_config(
-        L.load_config(None, ["model.size=tiny", "model.dropout=0"]), len(vocab))), 0))}
-    straight_params = L.restore_items(straight, 6, target)["params"]
-    resumed_params = L.restore_items(resumed, 6, target)["params"]
-    jax.tree.map(np.testing.assert_array_equal, straight_params, resumed_params)
-
-
-def test_weight_average_is_validated_saved_and_resumed(tmp_path, eight_examples, vocab):
-    """With ema_decay 0.5 the average after each step is the mean of the last average and the new
-    weights, starting from the initial ones; the best checkpoint holds the average, the latest
-    checkpoint both, and a run resumed from step 1 ends with the same average."""
-    settings = dict(total_steps=2, warmup_steps=1, eval_every=1, keep_checkpoints=2, ema_decay=0.5)
-    straight = tmp_path / "straight"
-    L.train(L.apply_overrides(L.Config(), tiny_overrides(straight, eight_examples, **settings)), progress=False)
-    shapes = L.abstract(L.init_params(L.LatexOCR(L.network_config_from_metadata(L.read_metadata(straight, 2),
-                                                                                straight)), 0))
-    average = L.init_params(L.LatexOCR(L.network_config_from_metadata(L.read_metadata(straight, 2), straight)), 0)
-    for step in (1, 2):
+    model = L.LatexOCR(L.network_config_from_metadata(L.read_metadata(straight, 4), straight))
+    shapes = L.abstract(L.init_params(model, 0))
+    average = L.init_params(model, 0)
+    for step in range(1, 5):
         stored = L.restore_items(straight, step, {"params": shapes, "ema_params": shapes})
         average = jax.tree.map(lambda a, p: (a + p) / 2, average, stored["params"])
         jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), stored["ema_params"], average)
@@ -711,11 +695,13 @@ def test_weight_average_is_validated_saved_and_resumed(tmp_path, eight_examples,
                  best, expected)
     resumed = tmp_path / "resumed"
     resumed.mkdir()
-    shutil.copytree(straight / "1", resumed / "1")
-    L.train(L.apply_overrides(L.Config(), tiny_overrides(resumed, eight_examples, **settings)), resume=True,
-            progress=False)
-    jax.tree.map(np.testing.assert_array_equal, L.restore_items(resumed, 2, {"ema_params": shapes})["ema_params"],
-                 L.restore_items(straight, 2, {"ema_params": shapes})["ema_params"])
+    shutil.copytree(straight / "2", resumed / "2")
+    (resumed / "2.orbax-checkpoint-tmp-1").mkdir()  # a save that crashed half-way is ignored
+    summary = L.train(L.apply_overrides(L.Config(), tiny_overrides(resumed, eight_examples, **settings)),
+                      resume=True, progress=False)
+    assert summary["step"] == 4
+    both = {"params": shapes, "ema_params": shapes}
+    jax.tree.map(np.testing.assert_array_equal, L.restore_items(resumed, 4, both), L.restore_items(straight, 4, both))
 
 
 def test_gradient_accumulation_of_a_repeated_batch_equals_one_step(tiny_model, vocab):
