@@ -39,15 +39,19 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from PIL import Image, ImageFilter, UnidentifiedImageError
 from scipy import ndimage
+
+# optax, orbax, nltk, tqdm and yaml are imported where they are used: `predict` on a loaded
+# checkpoint needs none but orbax, and each costs a new process 0.1-0.3 s.
+if TYPE_CHECKING:
+    import optax
 
 MODULE_DIR = Path(__file__).resolve().parent
 PAD, SOS, EOS, UNK, CLS, SEP, MASK = "<PAD>", "<SOS>", "<EOS>", "<UNK>", "[CLS]", "[SEP]", "[MASK]"
@@ -1906,6 +1910,8 @@ def format_metrics(metrics: dict[str, float]) -> str:
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothing: float) -> tuple[jax.Array, jax.Array]:
     """Mean label-smoothed cross-entropy over non-<PAD> targets, and the count of those targets."""
+    import optax
+
     vocab_size = logits.shape[-1]
     labels = optax.smooth_labels(jax.nn.one_hot(targets, vocab_size), label_smoothing)
     losses = optax.softmax_cross_entropy(logits, labels)
@@ -1916,11 +1922,15 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothing: float)
 
 def lr_schedule(training: TrainingSection) -> optax.Schedule:
     """Linear warmup to training.lr, cosine decay to 1 % of it at total_steps (optimizer updates)."""
+    import optax
+
     return optax.warmup_cosine_decay_schedule(
         0.0, training.lr, training.warmup_steps, training.total_steps, end_value=training.lr * 0.01)
 
 
 def make_optimizer(training: TrainingSection) -> optax.GradientTransformation:
+    import optax
+
     optimizer = optax.chain(optax.clip_by_global_norm(training.grad_clip),
                             optax.adamw(lr_schedule(training), weight_decay=training.weight_decay))
     if training.grad_accum_steps > 1:
@@ -1931,6 +1941,7 @@ def make_optimizer(training: TrainingSection) -> optax.GradientTransformation:
 def make_step(loss_and_metrics, optimizer: optax.GradientTransformation):
     """Jitted (params, opt_state, batch, key) -> (params, opt_state, metrics), buffers donated,
     for any `loss_and_metrics(params, batch, key) -> (loss, metrics)`."""
+    import optax
 
     def step(params, opt_state, batch, key):
         (loss, metrics), grads = jax.value_and_grad(loss_and_metrics, has_aux=True)(params, batch, key)
@@ -1978,6 +1989,8 @@ def ctc_loss(ctc_logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.
     Why: trained by cross-entropy alone, the decoder learned LaTeX as a language model and the
     image memory became the same vector at every cell (cross-attention spread evenly gives every
     cell the same gradient); this loss makes each cell say which tokens it shows."""
+    import optax
+
     padding = ((targets == PAD_ID) | (targets == EOS_ID)).astype(jnp.float32)
     lengths = (1 - padding).sum(-1)
     repeats = ((targets[:, 1:] == targets[:, :-1]) & (padding[:, 1:] == 0)).sum(-1)
@@ -2131,6 +2144,8 @@ def pretraining_losses(model: FeatureExtractor, params: Any, batch: dict[str, ja
                        mask_prob: float, deterministic: bool) -> dict[str, jax.Array]:
     """Masked-LM cross-entropy over the chosen tokens and bracket-depth cross-entropy over every
     formula token, with their accuracies."""
+    import optax
+
     mask_key, dropout_key = jax.random.split(key)
     inputs, chosen = mask_tokens(mask_key, batch["tokens"], model.cfg.vocab_size, mask_prob)
     mlm_logits, depth_logits = model.apply({"params": params}, inputs, deterministic,
