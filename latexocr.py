@@ -572,17 +572,6 @@ def decode_image(file: Any, name: str) -> Image.Image:
         raise UserError(f"cannot read image {name}: {error}") from None
 
 
-def image_header_problem(path: Path) -> str | None:
-    """Why an image file cannot be used, judged from its header alone; None when it looks usable."""
-    try:
-        with Image.open(path) as image:
-            return "image over the pixel limit" if image.width * image.height > MAX_IMAGE_PIXELS else None
-    except Image.DecompressionBombError:
-        return "image over the pixel limit"
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        return "not an image Pillow reads"
-
-
 def open_image(path: str | Path) -> Image.Image:
     path = Path(path)
     if not path.is_file():
@@ -1661,27 +1650,12 @@ class Predictor:
         self.memory_lengths = memory_lengths(model.cfg, data)
         self.program_dir = program_dir
         self._programs: dict[Any, Any] = {}
-        self._attention = jax.jit(lambda p, images, tokens, layer: cross_attention_maps(model, p, images, tokens, layer),
-                                  static_argnames="layer")
 
     def with_params(self, params: Any) -> Predictor:
         """The same programs (compiled once) reading other parameters."""
         twin = copy.copy(self)
         twin.params = params
         return twin
-
-    def attention_maps(self, canvas: np.ndarray, tokens: Sequence[str], layer: int = -1) -> np.ndarray:
-        """Where the decoder looked for each token of a decoded answer: [len(tokens), rows, cols],
-        each map summing to 1 (cross-attention of decoder layer `layer`, averaged over heads)."""
-        layers = self.model.cfg.decoder_layers
-        if not -layers <= layer < layers:
-            raise UserError(f"attention layer {layer} does not exist: the decoder has {layers} layers "
-                            f"(0..{layers - 1}, or -1 for the last)")
-        ids = [SOS_ID, *self.vocab.encode(tokens), EOS_ID]
-        length = sequence_bucket(len(ids), self.data) if len(ids) <= max(self.data.sequence_buckets) else len(ids)
-        rows = token_array([np.asarray(ids[1:])], length)
-        maps = self._attention(self.params, jnp.asarray(canvas)[None, ..., None], jnp.asarray(rows), layer=layer % layers)
-        return np.asarray(maps[0, : len(tokens)])
 
     def _program(self, kind: str, parts: tuple, function, *arrays):
         """function(params, *arrays) jitted, once per kind, parts and input shapes; with a
@@ -1803,43 +1777,6 @@ class Predictor:
 
         answers, kept = self.read_best(dataset.owners, dataset.variants, decode)
         return kept, [answers[i][0] for i in kept], sum(score > -math.inf for _, score in answers)
-
-
-# --- attention pictures -----------------------------------------------------------------------
-
-def cross_attention_maps(model: LatexOCR, params: Any, images: jax.Array, tokens: jax.Array, layer: int) -> jax.Array:
-    """Teacher-forced over token rows [B, L] (<SOS> first): for the token predicted at each of
-    the L - 1 positions, decoder layer `layer`'s cross-attention over the image cells,
-    averaged over heads, as [B, L - 1, cell rows, cell cols]."""
-    _, state = model.apply({"params": params}, images, tokens[:, :-1], mutable=["intermediates"])
-    weights = state["intermediates"][f"blocks_{layer}"]["cross_attention"]["weights"][0]  # [B, H, L-1, cells]
-    rows, cols = model.cfg.cell_grid(images.shape)
-    return weights.mean(1).reshape(*weights.shape[:1], weights.shape[2], rows, cols)
-
-
-def attention_picture(canvas: np.ndarray, tokens: Sequence[str], maps: np.ndarray, max_width: int = 1600) -> Image.Image:
-    """A grid with one panel per token: the model's input canvas (ink dark on white) under a red
-    heat map of that token's attention (stretched from its own minimum to maximum), the token
-    written above."""
-    from PIL import ImageDraw
-
-    height, width = canvas.shape
-    label_height, gap = 16, 6
-    columns = max(1, min(len(tokens), (max_width + gap) // (width + gap)))
-    grid_rows = max(1, math.ceil(len(tokens) / columns))
-    picture = Image.new("RGB", (columns * (width + gap) - gap, grid_rows * (height + label_height + gap) - gap), "white")
-    draw = ImageDraw.Draw(picture)
-    paper = (255.0 - 200.0 * np.clip(canvas, 0.0, 1.0))[..., None].repeat(3, -1)
-    red = np.array([230.0, 20.0, 20.0])
-    for i, (token, heat) in enumerate(zip(tokens, maps)):
-        scale = (height // heat.shape[0], width // heat.shape[1])
-        spread = (heat - heat.min()) / max(float(heat.max() - heat.min()), 1e-12)
-        alpha = 0.7 * np.kron(spread, np.ones(scale))[..., None]
-        panel = Image.fromarray((paper * (1 - alpha) + red * alpha).astype(np.uint8))
-        x, y = (i % columns) * (width + gap), (i // columns) * (height + label_height + gap)
-        draw.text((x + 2, y + 2), token, fill="black")
-        picture.paste(panel, (x, y + label_height))
-    return picture
 
 
 # --- metrics ----------------------------------------------------------------------------------
@@ -2934,15 +2871,6 @@ def command_predict(args, config: Config) -> int:
     decode_start = time.perf_counter()
     results = dict(zip(variants, predictor.read_images(list(variants.values()), evaluation.decode_width)))
     decode_seconds = time.perf_counter() - decode_start
-    if args.attention:
-        for name, reading in results.items():
-            path = attention_path(args.attention, name, len(results) > 1)
-            canvas = variants[name][reading.variant]
-            maps = predictor.attention_maps(canvas, reading.tokens, args.attention_layer)
-            try:
-                attention_picture(canvas, reading.tokens, maps).save(path)
-            except OSError as error:
-                raise UserError(f"cannot write the attention picture {path}: {error.strerror or error}") from None
     if args.json:
         answers = [{"image": name, "error": errors[name]} if name in errors else
                    {"image": name, "latex": format_answer(results[name].tokens, args.format), "tokens": results[name].tokens,
@@ -2954,12 +2882,6 @@ def command_predict(args, config: Config) -> int:
         for name in args.images:
             print(format_answer(results[name].tokens, args.format) if name in results else "")
     return 1 if errors else 0
-
-
-def attention_path(base: str, image: str, several: bool) -> Path:
-    """--attention FILE.png for one image; FILE_<image stem>.png each when there are several."""
-    path = Path(base).with_suffix(".png")
-    return path.with_name(f"{path.stem}_{Path(image).stem}.png") if several else path
 
 
 def command_parser(prog: str, description: str):
@@ -3024,10 +2946,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--format", choices=list(OUTPUT_FORMATS), default="tokens",
                      help="tokens: IM2LATEX-100K's space-separated tokens (default); latex: the same LaTeX as a "
                           "person types it; inline, display: that in $...$ or \\[...\\]")
-    sub.add_argument("--attention", metavar="FILE.png",
-                     help="also draw where the decoder looked for each token (FILE_<image>.png for several images)")
-    sub.add_argument("--attention-layer", type=int, default=-1, metavar="L",
-                     help="decoder layer whose cross-attention is drawn, averaged over heads (default -1: the last)")
     sub.set_defaults(run=command_predict)
 
     return parser

@@ -17,8 +17,10 @@ import concurrent.futures
 import contextlib
 import csv
 import dataclasses
+import functools
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -31,16 +33,27 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 import latexocr as L
 from latexocr import (EOS_ID, MODULE_DIR, PAD_ID, SOS_ID, SPLITS, Config, LatexOCR, Predictor, UserError,
-                      attention_picture, compact_latex, count_params, decode_image, detokenize, encode_memory,
-                      find_checkpoint_dir, formula_lines, image_header_problem, load_predictor, load_split,
+                      compact_latex, count_params, decode_image, detokenize, encode_memory,
+                      find_checkpoint_dir, formula_lines, load_predictor, load_split,
                       open_image, read_split_file, resolve_path, traced_program_dir, write_json_atomic)
 
 
 # --- IM2LATEX-100K as downloaded -> split files ---------------------------------------------------
+
+def image_header_problem(path: Path) -> str | None:
+    """Why an image file cannot be used, judged from its header alone; None when it looks usable."""
+    try:
+        with Image.open(path) as image:
+            return "image over the pixel limit" if image.width * image.height > L.MAX_IMAGE_PIXELS else None
+    except Image.DecompressionBombError:
+        return "image over the pixel limit"
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return "not an image Pillow reads"
+
 
 def read_split_list(path: Path) -> list[tuple[str, int]]:
     """(image name, formula index) from either split-list layout: harvardnlp's filtered
@@ -889,6 +902,72 @@ def render_formulas(formulas_path: Path, out: Path, split: str, settings: Render
     return report
 
 
+# --- attention pictures ---------------------------------------------------------------------------
+
+def cross_attention_maps(model: LatexOCR, params: Any, images: jax.Array, tokens: jax.Array, layer: int) -> jax.Array:
+    """Teacher-forced over token rows [B, L] (<SOS> first): for the token predicted at each of
+    the L - 1 positions, decoder layer `layer`'s cross-attention over the image cells,
+    averaged over heads, as [B, L - 1, cell rows, cell cols]."""
+    _, state = model.apply({"params": params}, images, tokens[:, :-1], mutable=["intermediates"])
+    weights = state["intermediates"][f"blocks_{layer}"]["cross_attention"]["weights"][0]  # [B, H, L-1, cells]
+    rows, cols = model.cfg.cell_grid(images.shape)
+    return weights.mean(1).reshape(*weights.shape[:1], weights.shape[2], rows, cols)
+
+
+class AttentionMaps:
+    """Where a predictor's decoder looked for each token of an answer; its pass compiles once."""
+
+    def __init__(self, predictor: Predictor):
+        self.predictor = predictor
+        self.maps = jax.jit(functools.partial(cross_attention_maps, predictor.model), static_argnames="layer")
+
+    def __call__(self, canvas: np.ndarray, tokens: Sequence[str], layer: int = -1) -> np.ndarray:
+        """[len(tokens), rows, cols], each map summing to 1 (cross-attention of decoder layer
+        `layer`, averaged over heads)."""
+        predictor = self.predictor
+        layers = predictor.model.cfg.decoder_layers
+        if not -layers <= layer < layers:
+            raise UserError(f"attention layer {layer} does not exist: the decoder has {layers} layers "
+                            f"(0..{layers - 1}, or -1 for the last)")
+        ids = [SOS_ID, *predictor.vocab.encode(tokens), EOS_ID]
+        buckets = predictor.data.sequence_buckets
+        length = L.sequence_bucket(len(ids), predictor.data) if len(ids) <= max(buckets) else len(ids)
+        rows = L.token_array([np.asarray(ids[1:])], length)
+        maps = self.maps(predictor.params, jnp.asarray(canvas)[None, ..., None], jnp.asarray(rows), layer=layer % layers)
+        return np.asarray(maps[0, : len(tokens)])
+
+
+def attention_picture(canvas: np.ndarray, tokens: Sequence[str], maps: np.ndarray, max_width: int = 1600) -> Image.Image:
+    """A grid with one panel per token: the model's input canvas (ink dark on white) under a red
+    heat map of that token's attention (stretched from its own minimum to maximum), the token
+    written above."""
+    from PIL import ImageDraw
+
+    height, width = canvas.shape
+    label_height, gap = 16, 6
+    columns = max(1, min(len(tokens), (max_width + gap) // (width + gap)))
+    grid_rows = max(1, math.ceil(len(tokens) / columns))
+    picture = Image.new("RGB", (columns * (width + gap) - gap, grid_rows * (height + label_height + gap) - gap), "white")
+    draw = ImageDraw.Draw(picture)
+    paper = (255.0 - 200.0 * np.clip(canvas, 0.0, 1.0))[..., None].repeat(3, -1)
+    red = np.array([230.0, 20.0, 20.0])
+    for i, (token, heat) in enumerate(zip(tokens, maps)):
+        scale = (height // heat.shape[0], width // heat.shape[1])
+        spread = (heat - heat.min()) / max(float(heat.max() - heat.min()), 1e-12)
+        alpha = 0.7 * np.kron(spread, np.ones(scale))[..., None]
+        panel = Image.fromarray((paper * (1 - alpha) + red * alpha).astype(np.uint8))
+        x, y = (i % columns) * (width + gap), (i // columns) * (height + label_height + gap)
+        draw.text((x + 2, y + 2), token, fill="black")
+        picture.paste(panel, (x, y + label_height))
+    return picture
+
+
+def attention_path(base: str, image: str, several: bool) -> Path:
+    """--out FILE.png for one image; FILE_<image stem>.png each when there are several."""
+    path = Path(base).with_suffix(".png")
+    return path.with_name(f"{path.stem}_{Path(image).stem}.png") if several else path
+
+
 # --- web page and JSON API ------------------------------------------------------------------------
 
 STATIC_DIR = MODULE_DIR / "static"
@@ -917,6 +996,7 @@ class OCRService:
         import threading
 
         self.predictor, self.max_bytes = predictor, max_bytes
+        self.attention = AttentionMaps(predictor)
         self.lock = threading.Lock()
 
     def warm_up(self) -> None:
@@ -926,7 +1006,7 @@ class OCRService:
             for width in data.bucket_widths:
                 blank = np.zeros((height, width), np.float32)
                 self.predictor.predict_images([blank], 1, batch_size=1)
-                self.predictor.attention_maps(blank, ["x"])
+                self.attention(blank, ["x"])
 
     def canvases(self, body: bytes) -> list[np.ndarray]:
         try:
@@ -947,7 +1027,7 @@ class OCRService:
         with self.lock:
             [reading] = self.predictor.read_images([variants], beam_width, batch_size=1)
             canvas = variants[reading.variant]
-            maps = self.predictor.attention_maps(canvas, reading.tokens, layer)
+            maps = self.attention(canvas, reading.tokens, layer)
         buffer = io.BytesIO()
         attention_picture(canvas, reading.tokens, maps).save(buffer, "PNG")
         return buffer.getvalue()
@@ -1446,6 +1526,24 @@ def command_serve(args, config: Config) -> int:
     return 0
 
 
+def command_attention(args, config: Config) -> int:
+    """Read each image as `predict` does and draw where the decoder looked for each token."""
+    evaluation = L.decoding_options(args, config).evaluation
+    predictor = load_predictor(args.checkpoint or evaluation.checkpoint_path, evaluation, traced_program_dir())
+    variants = [predictor.preprocess(open_image(path), path) for path in args.images]
+    attention = AttentionMaps(predictor)
+    for path, canvases, reading in zip(args.images, variants, predictor.read_images(variants, evaluation.decode_width)):
+        canvas = canvases[reading.variant]
+        picture = attention_picture(canvas, reading.tokens, attention(canvas, reading.tokens, args.layer))
+        out = attention_path(args.out, path, len(args.images) > 1)
+        try:
+            picture.save(out)
+        except OSError as error:
+            raise UserError(f"cannot write the attention picture {out}: {error.strerror or error}") from None
+        print(f"{out}: {detokenize(reading.tokens)}")
+    return 0
+
+
 def command_bench(args, config: Config) -> int:
     if args.images < 1 or args.repeats < 1 or args.long_images < 0:
         raise UserError("--images and --repeats must be at least 1, --long-images at least 0")
@@ -1545,6 +1643,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="documents rendered at once")
     sub.add_argument("--quiet", action="store_true", help="no progress bar")
     sub.set_defaults(run=command_render)
+
+    sub = add("attention", "draw where the decoder looked for each token of each image's answer")
+    sub.add_argument("images", nargs="+", help="image files")
+    sub.add_argument("--out", required=True, metavar="FILE.png", help="the picture (FILE_<image>.png for several images)")
+    sub.add_argument("--checkpoint", help="run or checkpoint directory (default: evaluation.checkpoint_path)")
+    sub.add_argument("--beam", type=int, metavar="N", help="beam search with N beams (default: evaluation.generation_method)")
+    sub.add_argument("--length-penalty", type=float, metavar="X", help="beams compare log-probability / length ** X")
+    sub.add_argument("--layer", type=int, default=-1, metavar="L",
+                     help="decoder layer whose cross-attention is drawn, averaged over heads (default -1: the last)")
+    sub.set_defaults(run=command_attention)
 
     sub = add("serve", "web page and JSON API: upload an image, get its LaTeX")
     sub.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")

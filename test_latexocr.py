@@ -888,15 +888,6 @@ def test_the_shipped_default_model_reads_the_image():
     assert reliance["image_gain"] > 1.0, reliance
 
 
-def test_cli_predict_draws_attention(overfit_run, eight_images, eight_examples, tmp_path, capsys):
-    entries = list(json.loads(eight_examples.read_text()).values())[:2]
-    images = [DATA / "images" / e["img_path"] for e in entries]
-    code, out, _ = run_main(["predict", *images, "--checkpoint", overfit_run[0], "--attention", tmp_path / "att.png"],
-                            capsys)
-    assert code == 0 and out.splitlines() == [e["caption"] for e in entries]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"att_{p.stem}.png" for p in images)
-
-
 # --- feature extractor pretraining -------------------------------------------------------------
 
 @pytest.mark.parametrize("formula, cap, depths", [

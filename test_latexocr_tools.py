@@ -349,19 +349,28 @@ def test_attention_picture_has_a_panel_per_token_of_maps_summing_to_one(server, 
     image, caption = eight_images[0]
     canvas = L.preprocess_image(L.decode_image(io.BytesIO(image), "x"), predictor.data)[0]
     tokens = caption.split()
+    attention = T.AttentionMaps(predictor)
     for layer in (0, -1):
-        maps = predictor.attention_maps(canvas, tokens, layer)
+        maps = attention(canvas, tokens, layer)
         assert maps.shape == (len(tokens), canvas.shape[0] // predictor.model.cfg.cell_height,
                               canvas.shape[1] // predictor.model.cfg.cell_width)
         np.testing.assert_allclose(maps.sum((1, 2)), 1.0, atol=1e-5)
-    picture = L.attention_picture(canvas, tokens, maps, max_width=1000)
+    picture = T.attention_picture(canvas, tokens, maps, max_width=1000)
     columns = (1000 + 6) // (canvas.shape[1] + 6)
     rows = math.ceil(len(tokens) / columns)
     assert picture.size == (columns * (canvas.shape[1] + 6) - 6, rows * (canvas.shape[0] + 16 + 6) - 6)
     with pytest.raises(L.UserError, match="decoder has 2 layers"):
-        predictor.attention_maps(canvas, tokens, 2)
+        attention(canvas, tokens, 2)
     status, png = http(f"{url}/api/attention", image)
     assert status == 200 and Image.open(io.BytesIO(png)).size[0] > canvas.shape[1]
+
+
+def test_attention_command_draws_a_picture_per_image(overfit_run, eight_examples, tmp_path, capsys):
+    entries = list(json.loads(eight_examples.read_text()).values())[:2]
+    images = [DATA / "images" / e["img_path"] for e in entries]
+    code, out, _ = run_tools(["attention", *images, "--checkpoint", overfit_run[0], "--out", tmp_path / "att.png"], capsys)
+    assert code == 0 and out.splitlines() == [f"{tmp_path / f'att_{p.stem}.png'}: {e['caption']}" for p, e in zip(images, entries)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"att_{p.stem}.png" for p in images)
 
 
 def test_browser_uploads_an_image_and_shows_its_latex(server, eight_images, eight_examples, tmp_path):
