@@ -1579,10 +1579,15 @@ def other_sizes_to_read(owners: Sequence[int], variants: Sequence[int], scores: 
     return [entry for entry, (owner, variant) in enumerate(zip(owners, variants)) if variant > 0 and owner in unsure]
 
 
+# The source this process runs, read once: a long-running process (serve) must not file the programs
+# it traces under the name of a newer version installed over it.
+SOURCE_DIGEST = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+
+
 def program_path(directory: Path, kind: str, *parts: Any) -> Path:
     """Where a traced program is kept: its name changes with this module's source, the JAX
     version and backend, and the parts that shape it."""
-    key = repr([hashlib.sha256(Path(__file__).read_bytes()).hexdigest(), jax.__version__, jax.default_backend(), *parts])
+    key = repr([SOURCE_DIGEST, jax.__version__, jax.default_backend(), *parts])
     return directory / f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:32]}.bin"
 
 

@@ -595,6 +595,15 @@ def test_traced_programs_are_stored_and_read_back(overfit_run, eight_examples, v
     assert broken.stat().st_size > 1000 and sorted(tmp_path.iterdir()) == stored
 
 
+def test_program_names_follow_the_source_imported_not_the_file_now(tmp_path, monkeypatch):
+    """A long-running process (serve) names the programs it traces by the source it runs, even
+    after a newer version is installed over its file."""
+    before = L.program_path(tmp_path, "decoder", 1)
+    monkeypatch.setattr(L.Path, "read_bytes", lambda self: b"a newer version of latexocr.py")
+    assert L.program_path(tmp_path, "decoder", 1) == before
+    assert L.program_path(tmp_path, "decoder", 2) != before
+
+
 def test_images_of_every_shape_share_one_decoder_and_read_as_alone(overfit_run, eight_examples, vocab, tmp_path):
     """predict_images pads each image's memory to a common length, the padding masked: images of
     several bucket shapes then decode through one decoder per batch size and beam width, and
