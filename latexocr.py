@@ -737,15 +737,25 @@ def augment_ink(ink: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
-def shrink_ink(ink: np.ndarray, rng: np.random.Generator, smallest: float, data: DataSection) -> np.ndarray:
-    """Half the time, the ink crop shrunk by a random factor in [smallest, 1], no lower than
-    preprocessing would leave it (data.min_ink_height)."""
-    if smallest >= 1 or rng.random() < 0.5:
+def shrink_factors(heights: np.ndarray, rng: np.random.Generator, smallest: float, data: DataSection) -> np.ndarray:
+    """Per ink crop of the given heights, the factor it is shrunk by: for a random half of them a
+    random factor in [smallest, 1], no lower than preprocessing would leave them
+    (data.min_ink_height); 1 for the rest."""
+    count = len(heights)
+    factors = np.where(rng.random(count) < 0.5, rng.uniform(smallest, 1.0, count), 1.0)
+    return np.maximum(factors, np.minimum(1.0, data.min_ink_height / np.asarray(heights, np.float64)))
+
+
+def shrunk_shape(shape: tuple[int, int], factor: float) -> tuple[int, int]:
+    return max(1, round(shape[0] * factor)), max(1, round(shape[1] * factor))
+
+
+def shrink_ink(ink: np.ndarray, factor: float) -> np.ndarray:
+    """The ink crop resized by factor (bicubic, as a screenshot at a lower zoom)."""
+    if factor == 1.0:
         return ink
-    height, width = ink.shape
-    factor = max(rng.uniform(smallest, 1.0), min(1.0, data.min_ink_height / height))
-    size = (max(1, round(width * factor)), max(1, round(height * factor)))
-    return np.asarray(Image.fromarray(ink).resize(size, Image.BICUBIC))
+    height, width = shrunk_shape(ink.shape, factor)
+    return np.asarray(Image.fromarray(ink).resize((width, height), Image.BICUBIC))
 
 
 def add_noise(canvas: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -901,18 +911,20 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.examples)
 
-    def groups(self) -> dict[tuple[int, int, int], list[int]]:
+    def groups(self, keys: Sequence[tuple[int, int, int]] | None = None) -> dict[tuple[int, int, int], list[int]]:
+        """Entry indices by shape: their own (self.keys), or those given (one per entry)."""
         groups: dict[tuple[int, int, int], list[int]] = collections.defaultdict(list)
-        for index, key in enumerate(self.keys):
+        for index, key in enumerate(self.keys if keys is None else keys):
             groups[key].append(index)
         return dict(sorted(groups.items()))
 
-    def epoch_batches(self, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
-        """A shuffled epoch of same-shape batches; a short last batch per shape is filled with
-        random members of its group, so every batch has the full size."""
+    def epoch_batches(self, batch_size: int, seed: int, epoch: int,
+                      keys: Sequence[tuple[int, int, int]] | None = None) -> list[np.ndarray]:
+        """A shuffled epoch of same-shape batches (shapes as in `groups`); a short last batch per
+        shape is filled with random members of its group, so every batch has the full size."""
         rng = np.random.default_rng([seed, epoch])
         batches = []
-        for members in self.groups().values():
+        for members in self.groups(keys).values():
             order = rng.permutation(members)
             for start in range(0, len(order), batch_size):
                 chunk = order[start: start + batch_size]
@@ -932,14 +944,15 @@ class Dataset:
                 batches.append((np.array(chunk + [chunk[0]] * (batch_size - len(chunk))), len(chunk)))
         return batches
 
-    def batch(self, indices: np.ndarray, rngs: Sequence[np.random.Generator] | None = None,
-              augment: bool = False, shrink_to: float = 1.0) -> dict[str, np.ndarray]:
-        """images [batch, H, W, 1] float32 and tokens [batch, L] int32; with rngs, row i is shrunk
-        (see shrink_ink) and augmented as asked, drawing from rngs[i]."""
-        height, width, length = self.keys[indices[0]]
+    def batch(self, indices: np.ndarray, rngs: Sequence[np.random.Generator] | None = None, augment: bool = False,
+              factors: np.ndarray | None = None, key: tuple[int, int, int] | None = None) -> dict[str, np.ndarray]:
+        """images [batch, H, W, 1] float32 and tokens [batch, L] int32, of the shape `key` (default:
+        the first entry's); row i's ink is shrunk by factors[i] and, with augment, distorted
+        drawing from rngs[i]."""
+        height, width, length = key or self.keys[indices[0]]
         images = []
         for row, i in enumerate(indices):
-            ink = self.inks[i] if rngs is None else shrink_ink(self.inks[i], rngs[row], shrink_to, self.data)
+            ink = self.inks[i] if factors is None else shrink_ink(self.inks[i], factors[row])
             ink = augment_ink(ink, rngs[row]) if augment else ink
             canvas = place_in_bucket(ink, (height, width), self.data.margin)
             images.append(add_noise(canvas, rngs[row]) if augment else canvas)
@@ -975,26 +988,47 @@ class BatchStream:
 
 class TrainBatches(BatchStream):
     """Same-shape image batches of a Dataset, a shuffled epoch at a time, shrunk and augmented
-    as `training` asks."""
+    as `training` asks. Each epoch shrinks a random half of the images (see shrink_factors) and
+    batches each image in the bucket of its shrunk size, so a shrunk image costs fewer cells."""
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int, augment: bool = False, shrink_to: float = 1.0):
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.augment, self.shrink_to = augment, shrink_to
-        self.per_epoch = len(dataset.epoch_batches(batch_size, seed, 0))
-        self._epoch_cache: tuple[int, list[np.ndarray]] = (-1, [])
+        self._heights = np.array([ink.shape[0] for ink in dataset.inks])
+        self._epoch_lengths: list[int] = []
+        self._plan: tuple[int, Any] = (-1, None)
 
-    def indices(self, k: int) -> np.ndarray:
-        epoch, position = divmod(k, self.per_epoch)
-        if self._epoch_cache[0] != epoch:
-            self._epoch_cache = (epoch, self.dataset.epoch_batches(self.batch_size, self.seed, epoch))
-        return self._epoch_cache[1][position]
+    def epoch_plan(self, epoch: int) -> tuple[list[np.ndarray], np.ndarray, list[tuple[int, int, int]]]:
+        """An epoch's batches, and per entry the factor it is shrunk by and its shape at that size."""
+        if self._plan[0] != epoch:
+            dataset = self.dataset
+            factors = np.ones(len(dataset))
+            if self.shrink_to < 1:
+                factors = shrink_factors(self._heights, np.random.default_rng([self.seed, 3, epoch]),
+                                         self.shrink_to, dataset.data)
+            keys = [choose_bucket(shrunk_shape(ink.shape, factor), dataset.data) + key[2:]
+                    for ink, factor, key in zip(dataset.inks, factors, dataset.keys)]
+            self._plan = (epoch, (dataset.epoch_batches(self.batch_size, self.seed, epoch, keys), factors, keys))
+        return self._plan[1]
+
+    def locate(self, k: int) -> tuple[int, int]:
+        """(epoch, position in it) of batch k; epochs differ in length, as their shapes do."""
+        epoch = 0
+        while True:
+            if epoch == len(self._epoch_lengths):
+                self._epoch_lengths.append(len(self.epoch_plan(epoch)[0]))
+            if k < self._epoch_lengths[epoch]:
+                return epoch, k
+            k -= self._epoch_lengths[epoch]
+            epoch += 1
 
     def make(self, k: int) -> dict[str, np.ndarray]:
-        rows = self.own_rows(self.batch_size)
+        epoch, position = self.locate(k)
+        batches, factors, keys = self.epoch_plan(epoch)
+        indices = batches[position][self.own_rows(self.batch_size)]
         # One generator per row of the global batch, so a row looks the same however it is sharded.
-        distorted = self.augment or self.shrink_to < 1
-        rngs = [np.random.default_rng([self.seed, 1, k, row]) for row in rows] if distorted else None
-        return self.dataset.batch(self.indices(k)[rows], rngs, self.augment, self.shrink_to)
+        rngs = [np.random.default_rng([self.seed, 1, k, row]) for row in self.own_rows(self.batch_size)]
+        return self.dataset.batch(indices, rngs, self.augment, factors[indices], keys[batches[position][0]])
 
 
 def formula_bucket(formula: Sequence[str], data: DataSection) -> int:

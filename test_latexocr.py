@@ -277,30 +277,45 @@ def test_augmentation_keeps_ink_and_is_deterministic():
     assert 0.4 < (a > 64).sum() / (ink > 64).sum() < 2.5
 
 
-def test_shrinking_makes_half_the_rows_smaller_down_to_the_ink_height_floor():
+def test_shrink_factors_shrink_a_random_half_down_to_the_ink_height_floor():
     data = L.DataSection()
+    factors = L.shrink_factors(np.full(400, 40), np.random.default_rng(0), 0.5, data)
+    shrunk = factors[factors < 1]
+    assert 150 <= len(shrunk) <= 250 and shrunk.min() >= 0.5 and factors.max() == 1
+    assert np.quantile(shrunk, 0.25) < 0.65 and np.quantile(shrunk, 0.75) > 0.85  # spread over [0.5, 1)
+    np.testing.assert_array_equal(factors, L.shrink_factors(np.full(400, 40), np.random.default_rng(0), 0.5, data))
+    assert L.shrink_factors(np.full(50, 14), np.random.default_rng(0), 0.3, data).min() == pytest.approx(12 / 14)
+
+
+def test_shrinking_an_ink_crop_scales_height_width_and_ink_area_by_the_factor():
     ink = L.ink_crop(L.open_image(DATA / "images" / "1015942522.png"))
-    shrunk = [L.shrink_ink(ink, np.random.default_rng([0, row]), 0.5, data) for row in range(60)]
-    smaller = [a for a in shrunk if a.shape != ink.shape]
-    assert 15 <= len(smaller) <= 45 and all(a is ink for a in shrunk if a.shape == ink.shape)
-    for a in smaller:  # the same formula at a factor f in [0.5, 1): height, width and ink area follow f
-        factor = a.shape[1] / ink.shape[1]
-        assert 0.5 - 1 / ink.shape[1] <= factor < 1 and abs(a.shape[0] - factor * ink.shape[0]) <= 1
+    for factor in (0.5, 0.63, 0.9):
+        a = L.shrink_ink(ink, factor)
+        assert a.shape == (round(ink.shape[0] * factor), round(ink.shape[1] * factor)) == L.shrunk_shape(ink.shape, factor)
         assert (a.astype(float).sum() / ink.sum()) == pytest.approx(factor ** 2, rel=0.1)
-    np.testing.assert_array_equal(L.shrink_ink(ink, np.random.default_rng([0, 7]), 0.5, data), shrunk[7])
-    assert L.shrink_ink(ink, np.random.default_rng(0), 1.0, data) is ink
-    short = ink[:14]
-    assert min(L.shrink_ink(short, np.random.default_rng([0, row]), 0.3, data).shape[0] for row in range(20)) == 12
+    assert L.shrink_ink(ink, 1.0) is ink
 
 
-def test_training_batches_shrink_some_rows_the_same_way_every_time(eight_examples, vocab):
+def test_training_batches_hold_shrunk_images_in_the_buckets_of_their_shrunk_size(vocab):
     data = L.DataSection(image_base_dir=str(DATA / "images"))
-    dataset = L.Dataset(L.load_split(eight_examples, data, vocab)[0], data)
-    plain = L.TrainBatches(dataset, 8, 0).make(0)["images"]
-    shrunk = L.TrainBatches(dataset, 8, 0, shrink_to=0.5).make(0)["images"]
-    np.testing.assert_array_equal(shrunk, L.TrainBatches(dataset, 8, 0, shrink_to=0.5).make(0)["images"])
-    ink = (shrunk > 0.25).sum((1, 2, 3)), (plain > 0.25).sum((1, 2, 3))
-    assert 0 < np.sum(ink[0] < ink[1]) < 8 and np.all(ink[0] <= ink[1])
+    dataset = L.Dataset(L.load_split(DATA / "validate.json", data, vocab)[0], data)
+    stream = L.TrainBatches(dataset, 8, 0, shrink_to=0.5)
+    batches, factors, keys = stream.epoch_plan(0)
+    assert 0.3 < np.mean(factors < 1) < 0.7
+    for entry, (ink, factor) in enumerate(zip(dataset.inks, factors)):
+        assert keys[entry] == L.choose_bucket(L.shrunk_shape(ink.shape, factor), data) + dataset.keys[entry][2:]
+        assert keys[entry][0] <= dataset.keys[entry][0] and keys[entry][1] <= dataset.keys[entry][1]
+    assert sum(keys[entry] != dataset.keys[entry] for entry in range(len(dataset))) >= 5  # fewer cells
+    assert set(np.concatenate(batches)) == set(range(len(dataset)))
+    for k in (0, 3):
+        batch, rows = stream.make(k), batches[k]
+        assert len({keys[entry] for entry in rows}) == 1 and batch["images"].shape[1:3] == keys[rows[0]][:2]
+        for image, entry in zip(batch["images"], rows):
+            expected = L.place_in_bucket(L.shrink_ink(dataset.inks[entry], factors[entry]), keys[entry][:2], data.margin)
+            np.testing.assert_array_equal(image[..., 0], expected)
+        np.testing.assert_array_equal(batch["images"], L.TrainBatches(dataset, 8, 0, shrink_to=0.5).make(k)["images"])
+    assert stream.locate(len(batches)) == (1, 0) and stream.locate(len(batches) - 1) == (0, len(batches) - 1)
+    assert L.TrainBatches(dataset, 8, 0).epoch_plan(0)[2] == dataset.keys  # no shrinking: the images' own buckets
 
 
 # --- data ---------------------------------------------------------------------------------------
