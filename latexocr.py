@@ -2469,6 +2469,18 @@ def check_run_dir(run_dir: Path, resume: bool, cfg: LatexOCRConfig | FeatureExtr
         check_compatible(read_metadata(run_dir, steps[-1]), cfg, vocab, run_dir / str(steps[-1]))
 
 
+def memory_mappings() -> tuple[int, int] | None:
+    """(memory mappings this process holds, the most Linux allows one: vm.max_map_count), or None
+    where /proc does not tell. XLA maps a compiled CPU program kernel by kernel, about 1,200
+    mappings for a `small` training step, so a run over many batch shapes can reach the limit,
+    and there compiling the next shape aborts the process."""
+    try:
+        with open("/proc/self/maps") as maps:
+            return sum(1 for _ in maps), int(Path("/proc/sys/vm/max_map_count").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 @contextlib.contextmanager
 def stop_requests() -> Iterator[threading.Event]:
     """Ctrl-C (SIGINT) or SIGTERM sets the event, so the training loop stops after its current
@@ -2586,12 +2598,25 @@ def run_training(trainee: Trainee, config: Config, run_dir: Path, resume: bool, 
     bar = tqdm(total=total_micro_steps, initial=step, disable=not progress or not log.writes, dynamic_ncols=True)
     prefetch = concurrent.futures.ThreadPoolExecutor(1)
     stream = trainee.batches.iterate(step, prefetch)
+    shapes_compiled: set[tuple] = set()
+    mappings_per_program = 0
+    out_of_mappings = None
     try:
         with stop_requests() as stop:
             while step < total_micro_steps and time.monotonic() < deadline and not stop.is_set():
-                batch = to_global(next(stream), rows)
+                local_batch = next(stream)
+                shape = tuple(x.shape for x in jax.tree.leaves(local_batch))
+                # One process alone decides; processes deciding apart would wait on each other for ever.
+                before = memory_mappings() if shape not in shapes_compiled and jax.process_count() == 1 else None
+                if before and before[0] + 2 * mappings_per_program > before[1]:
+                    out_of_mappings = (len(shapes_compiled), mappings_per_program, before[1])
+                    break
+                batch = to_global(local_batch, rows)
                 key = to_global(jax.random.fold_in(base_key, step), replicated)
                 params, opt_state, metrics = train_step(params, opt_state, batch, key)
+                if before:
+                    shapes_compiled.add(shape)
+                    mappings_per_program = max(mappings_per_program, memory_mappings()[0] - before[0])
                 step += 1
                 if ema is not None and step % training.grad_accum_steps == 0:
                     ema = update_average(ema, params)
@@ -2604,7 +2629,7 @@ def run_training(trainee: Trainee, config: Config, run_dir: Path, resume: bool, 
                     save(step)
             bar.close()
             log_window(step)
-            if stop.is_set():
+            if stop.is_set() or out_of_mappings:
                 log.write("interrupted", step=step)
             elif step % training.eval_every:
                 validate(step)
@@ -2618,6 +2643,13 @@ def run_training(trainee: Trainee, config: Config, run_dir: Path, resume: bool, 
         best_manager.wait_until_finished()
         manager.close()
         best_manager.close()
+    if out_of_mappings:
+        shapes, per_program, limit = out_of_mappings
+        raise UserError(f"stopped at step {step}, saved in {run_dir}: the next batch shape would have to be compiled, "
+                        f"and the {shapes} compiled so far hold about {per_program} memory mappings each, near "
+                        f"this system's limit of {limit} (vm.max_map_count), where compiling aborts; raise it "
+                        "(sudo sysctl -w vm.max_map_count=262144) or use fewer data.bucket_heights, bucket_widths "
+                        "or sequence_buckets, then --resume")
     summary = {"step": step, "best_metric": best, "metrics": last_metrics, "checkpoint_dir": str(run_dir),
                "interrupted": stop.is_set()}
     log.write("done", **{k: v for k, v in summary.items() if k != "metrics"})

@@ -728,6 +728,24 @@ def test_resume_equals_uninterrupted_run_weights_and_average(tmp_path, eight_exa
     jax.tree.map(np.testing.assert_array_equal, L.restore_items(resumed, 4, both), L.restore_items(straight, 4, both))
 
 
+def test_training_stops_and_saves_before_compiling_past_the_memory_mapping_limit(tmp_path, monkeypatch, eight_examples):
+    """Each compiled program holds memory mappings; past vm.max_map_count compiling aborts the process.
+    Faked here: the first shape's program takes 4,000 of a 10,000 limit, so a second one is refused."""
+    readings = iter([(1000, 10_000), (5000, 10_000)])
+    monkeypatch.setattr(L, "memory_mappings", lambda: next(readings, (5000, 10_000)))
+    run_dir = tmp_path / "run"
+    # Shrinking puts some of the eight images (one bucket as they are) in a smaller bucket: two shapes.
+    settings = dict(total_steps=6, warmup_steps=1, eval_every=100, shrink_to=0.5)
+    config = L.apply_overrides(L.Config(), tiny_overrides(run_dir, eight_examples, **settings))
+    with pytest.raises(L.UserError, match=r"stopped at step (\d+), .*about 4000 memory mappings each.*"
+                                          r"vm.max_map_count.*--resume") as stopped:
+        L.train(config, progress=False)
+    step = int(re.search(r"step (\d+)", str(stopped.value)).group(1))
+    assert 1 <= step < 6 and L.checkpoint_steps(run_dir) == [step]
+    monkeypatch.setattr(L, "memory_mappings", lambda: None)  # where /proc does not tell, nothing is checked
+    assert L.train(config, resume=True, progress=False)["step"] == 6
+
+
 def test_gradient_accumulation_of_a_repeated_batch_equals_one_step(tiny_model, vocab):
     model, params = tiny_model
     data = L.DataSection(image_base_dir=str(DATA / "images"))
