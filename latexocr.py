@@ -1661,7 +1661,7 @@ def exported_program(path: Path, export) -> jax.export.Exported:
 
 
 def memory_lengths(cfg: LatexOCRConfig, data: DataSection) -> list[int]:
-    """The cell counts `predict` pads image memories to: 256 and 1,024 (a one-line formula of
+    """The cell counts image memories are padded to for decoding: 256 and 1,024 (a one-line formula of
     IM2LATEX-100K's size fills up to 64 x 512 px, 256 cells of 16 x 8) where below the largest
     bucket's cells, then those. Few lengths, few decoders; each padded cell costs every step."""
     most = max(math.prod(cfg.cell_grid((1, height, width))) for height in data.bucket_heights
@@ -1724,9 +1724,15 @@ class Predictor:
             *memory)
         return [self.vocab.decode(row) for row in np.asarray(ids)], np.asarray(scores)
 
+    def memory_length(self, image_shape: Sequence[int]) -> int:
+        """The smallest of memory_lengths that holds the cells of images [B, H, W, ...]."""
+        cells = math.prod(self.model.cfg.cell_grid(image_shape))
+        return next(n for n in self.memory_lengths if n >= cells)
+
     def decode_batch(self, images: np.ndarray, beam_width: int = 1) -> tuple[list[list[str]], np.ndarray]:
-        """images [B, H, W, 1] of one shape -> token lists and their length-normalised log-probabilities."""
-        return self.decode_memory(self.encode(images), beam_width)
+        """images [B, H, W, 1] of one shape -> token lists and their length-normalised log-probabilities.
+        The memory is padded to memory_length, so a few decoders serve every bucket shape."""
+        return self.decode_memory(self.encode(images, self.memory_length(images.shape)), beam_width)
 
     def predict_images(self, canvases: Sequence[np.ndarray], beam_width: int = 1,
                        batch_size: int = 16) -> list[tuple[list[str], float]]:
@@ -1737,8 +1743,7 @@ class Predictor:
         results: list[tuple[list[str], float]] = [([], 0.0) for _ in canvases]
         by_length: dict[int, list[int]] = collections.defaultdict(list)
         for i, canvas in enumerate(canvases):
-            cells = math.prod(self.model.cfg.cell_grid((1, *canvas.shape)))
-            by_length[next(n for n in self.memory_lengths if n >= cells)].append(i)
+            by_length[self.memory_length((1, *canvas.shape))].append(i)
         for length, members in by_length.items():
             members.sort(key=lambda i: -ink_columns(canvases[i]))
             for start in range(0, len(members), batch_size):

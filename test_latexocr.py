@@ -633,7 +633,7 @@ def test_images_of_every_shape_share_one_decoder_and_read_as_alone(overfit_run, 
     shapes = {canvas.shape for canvas in canvases}
     assert len(shapes) >= 3
     for width in (1, 2):
-        alone = [plain.decode_batch(canvas[None, ..., None], width) for canvas in canvases]
+        alone = [plain.decode_memory(plain.encode(canvas[None, ..., None]), width) for canvas in canvases]
         together = predictor.predict_images(canvases, width, batch_size=32)
         assert [tokens for tokens, _ in together] == [tokens[0] for tokens, _ in alone]
         np.testing.assert_allclose([score for _, score in together], [scores[0] for _, scores in alone], atol=1e-4)
