@@ -1731,8 +1731,12 @@ class Predictor:
 
     def decode_batch(self, images: np.ndarray, beam_width: int = 1) -> tuple[list[list[str]], np.ndarray]:
         """images [B, H, W, 1] of one shape -> token lists and their length-normalised log-probabilities.
-        The memory is padded to memory_length, so a few decoders serve every bucket shape."""
-        return self.decode_memory(self.encode(images, self.memory_length(images.shape)), beam_width)
+        The memory is padded to the next power of two cells (at most the largest bucket's): a
+        handful of decoders serve every bucket shape, and padding costs little of a decoding step.
+        (predict_images pads further, to load fewer programs in a short process.)"""
+        cells = math.prod(self.model.cfg.cell_grid(images.shape))
+        return self.decode_memory(self.encode(images, min(1 << (cells - 1).bit_length(), self.memory_lengths[-1])),
+                                  beam_width)
 
     def predict_images(self, canvases: Sequence[np.ndarray], beam_width: int = 1,
                        batch_size: int = 16) -> list[tuple[list[str], float]]:
