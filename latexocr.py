@@ -1002,12 +1002,12 @@ class TrainBatches(BatchStream):
         """An epoch's batches, and per entry the factor it is shrunk by and its shape at that size."""
         if self._plan[0] != epoch:
             dataset = self.dataset
-            factors = np.ones(len(dataset))
+            factors, keys = np.ones(len(dataset)), dataset.keys
             if self.shrink_to < 1:
                 factors = shrink_factors(self._heights, np.random.default_rng([self.seed, 3, epoch]),
                                          self.shrink_to, dataset.data)
-            keys = [choose_bucket(shrunk_shape(ink.shape, factor), dataset.data) + key[2:]
-                    for ink, factor, key in zip(dataset.inks, factors, dataset.keys)]
+                keys = [choose_bucket(shrunk_shape(ink.shape, factor), dataset.data) + key[2:]
+                        for ink, factor, key in zip(dataset.inks, factors, dataset.keys)]
             self._plan = (epoch, (dataset.epoch_batches(self.batch_size, self.seed, epoch, keys), factors, keys))
         return self._plan[1]
 
@@ -1025,9 +1025,10 @@ class TrainBatches(BatchStream):
     def make(self, k: int) -> dict[str, np.ndarray]:
         epoch, position = self.locate(k)
         batches, factors, keys = self.epoch_plan(epoch)
-        indices = batches[position][self.own_rows(self.batch_size)]
+        rows = self.own_rows(self.batch_size)
+        indices = batches[position][rows]
         # One generator per row of the global batch, so a row looks the same however it is sharded.
-        rngs = [np.random.default_rng([self.seed, 1, k, row]) for row in self.own_rows(self.batch_size)]
+        rngs = [np.random.default_rng([self.seed, 1, k, row]) for row in rows] if self.augment else None
         return self.dataset.batch(indices, rngs, self.augment, factors[indices], keys[batches[position][0]])
 
 
