@@ -2479,16 +2479,34 @@ def check_run_dir(run_dir: Path, resume: bool, cfg: LatexOCRConfig | FeatureExtr
         check_compatible(read_metadata(run_dir, steps[-1]), cfg, vocab, run_dir / str(steps[-1]))
 
 
-def memory_mappings() -> tuple[int, int] | None:
-    """(memory mappings this process holds, the most Linux allows one: vm.max_map_count), or None
-    where /proc does not tell. XLA maps a compiled CPU program kernel by kernel, about 1,200
-    mappings for a `small` training step, so a run over many batch shapes can reach the limit,
-    and there compiling the next shape aborts the process."""
+@dataclasses.dataclass(frozen=True)
+class ProcessMemory:
+    mappings: int  # memory mappings this process holds
+    mapping_limit: int  # the most Linux allows one process (vm.max_map_count)
+    resident: int  # bytes of this process in memory
+    available: int  # bytes the system could still give (MemAvailable)
+
+
+def process_memory() -> ProcessMemory | None:
+    """This process's memory as Linux reports it, or None where /proc does not tell. Each batch
+    shape's compiled training step stays loaded: on CPU a `small` one holds about 1,200 memory
+    mappings (XLA maps it kernel by kernel) and 250 MB."""
     try:
         with open("/proc/self/maps") as maps:
-            return sum(1 for _ in maps), int(Path("/proc/sys/vm/max_map_count").read_text())
-    except (OSError, ValueError):
+            mappings = sum(1 for _ in maps)
+        limit = int(Path("/proc/sys/vm/max_map_count").read_text())
+        resident = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        meminfo = dict(line.split(":") for line in Path("/proc/meminfo").read_text().splitlines())
+        return ProcessMemory(mappings, limit, resident, int(meminfo["MemAvailable"].split()[0]) * 1024)
+    except (OSError, ValueError, KeyError):
         return None
+
+
+def room_for_programs(memory: ProcessMemory, per_program: ProcessMemory, count: int) -> bool:
+    """Whether `count` more compiled programs of per_program's size fit, in memory mappings (past
+    the limit compiling aborts the process) and in memory, with 1 GiB to spare."""
+    return (memory.mappings + count * per_program.mappings <= memory.mapping_limit
+            and count * per_program.resident + 2**30 <= memory.available)
 
 
 @contextlib.contextmanager
@@ -2609,24 +2627,28 @@ def run_training(trainee: Trainee, config: Config, run_dir: Path, resume: bool, 
     prefetch = concurrent.futures.ThreadPoolExecutor(1)
     stream = trainee.batches.iterate(step, prefetch)
     shapes_compiled: set[tuple] = set()
-    mappings_per_program = 0
-    out_of_mappings = None
+    per_program = ProcessMemory(0, 0, 0, 0)  # the largest cost of one compiled program seen so far
     try:
         with stop_requests() as stop:
             while step < total_micro_steps and time.monotonic() < deadline and not stop.is_set():
                 local_batch = next(stream)
                 shape = tuple(x.shape for x in jax.tree.leaves(local_batch))
-                # One process alone decides; processes deciding apart would wait on each other for ever.
-                before = memory_mappings() if shape not in shapes_compiled and jax.process_count() == 1 else None
-                if before and before[0] + 2 * mappings_per_program > before[1]:
-                    out_of_mappings = (len(shapes_compiled), mappings_per_program, before[1])
-                    break
+                before = process_memory() if shape not in shapes_compiled else None
+                if before and shapes_compiled and not room_for_programs(before, per_program, 2):
+                    # Programs of the shapes in use load again from the compilation cache, in seconds.
+                    jax.clear_caches()
+                    log.write("programs_cleared", console=False, step=step, programs=len(shapes_compiled),
+                              mappings=before.mappings, available_mb=before.available // 2**20)
+                    shapes_compiled.clear()
+                    before = process_memory()
                 batch = to_global(local_batch, rows)
                 key = to_global(jax.random.fold_in(base_key, step), replicated)
                 params, opt_state, metrics = train_step(params, opt_state, batch, key)
                 if before:
                     shapes_compiled.add(shape)
-                    mappings_per_program = max(mappings_per_program, memory_mappings()[0] - before[0])
+                    after = process_memory()
+                    per_program = ProcessMemory(max(per_program.mappings, after.mappings - before.mappings), 0,
+                                                max(per_program.resident, after.resident - before.resident), 0)
                 step += 1
                 if ema is not None and step % training.grad_accum_steps == 0:
                     ema = update_average(ema, params)
@@ -2639,7 +2661,7 @@ def run_training(trainee: Trainee, config: Config, run_dir: Path, resume: bool, 
                     save(step)
             bar.close()
             log_window(step)
-            if stop.is_set() or out_of_mappings:
+            if stop.is_set():
                 log.write("interrupted", step=step)
             elif step % training.eval_every:
                 validate(step)
@@ -2653,13 +2675,6 @@ def run_training(trainee: Trainee, config: Config, run_dir: Path, resume: bool, 
         best_manager.wait_until_finished()
         manager.close()
         best_manager.close()
-    if out_of_mappings:
-        shapes, per_program, limit = out_of_mappings
-        raise UserError(f"stopped at step {step}, saved in {run_dir}: the next batch shape would have to be compiled, "
-                        f"and the {shapes} compiled so far hold about {per_program} memory mappings each, near "
-                        f"this system's limit of {limit} (vm.max_map_count), where compiling aborts; raise it "
-                        "(sudo sysctl -w vm.max_map_count=262144) or use fewer data.bucket_heights, bucket_widths "
-                        "or sequence_buckets, then --resume")
     summary = {"step": step, "best_metric": best, "metrics": last_metrics, "checkpoint_dir": str(run_dir),
                "interrupted": stop.is_set()}
     log.write("done", **{k: v for k, v in summary.items() if k != "metrics"})
@@ -2723,7 +2738,9 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> dict[s
     val_set = Dataset(val_examples[: training.val_samples], data, val_report)
     val_set = val_set if len(val_set) else None
     model = LatexOCR(cfg)
-    params = initial_params(model, training, vocab)
+    # A resumed run's own weights replace these, so the checkpoint it started from may be gone.
+    resuming = resume and run_dir.is_dir() and bool(checkpoint_steps(run_dir))
+    params = init_params(model, training.seed) if resuming else initial_params(model, training, vocab)
     make_ocr_step = ocr_step_factory(model, config, vocab)
     read_once = dataclasses.replace(config.evaluation, size_factors=())
     predictor = Predictor(LatexOCR(dataclasses.replace(cfg, dtype="float32")), None, vocab, data, read_once)
