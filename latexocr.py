@@ -130,6 +130,10 @@ class TrainingSection:
     # Half the training images are shrunk by a random factor down to this (bicubic, as a screenshot
     # at a lower zoom), so the model also meets glyphs smaller than IM2LATEX-100K's; 1: never.
     shrink_to: float = 1.0
+    # The share of the shrunk images then enlarged back to their size (bilinear), as predict
+    # enlarges an image whose glyphs are small (evaluation.size_factors above 1): the model learns to
+    # read them blurred at the usual size, with the cells of that size.
+    enlarge_back: float = 0.0
     seed: int = 0
     eval_every: int = 500
     val_samples: int = 200
@@ -350,6 +354,7 @@ def validate_config(config: Config) -> Config:
         (training.keep_checkpoints > 0, "training.keep_checkpoints must be positive"),
         (0 <= training.ema_decay < 1, "training.ema_decay must be in [0, 1) (0: no average)"),
         (0 < training.shrink_to <= 1, "training.shrink_to must be in (0, 1] (1: never shrink)"),
+        (0 <= training.enlarge_back <= 1, "training.enlarge_back must be in [0, 1] (0: never enlarge back)"),
         (evaluation.batch_size > 0, "evaluation.batch_size must be positive"),
         (evaluation.split in SPLITS, f"evaluation.split must be one of {', '.join(SPLITS)}"),
         (evaluation.primary_metric in METRIC_DIRECTIONS,
@@ -750,12 +755,14 @@ def shrunk_shape(shape: tuple[int, int], factor: float) -> tuple[int, int]:
     return max(1, round(shape[0] * factor)), max(1, round(shape[1] * factor))
 
 
-def shrink_ink(ink: np.ndarray, factor: float) -> np.ndarray:
-    """The ink crop resized by factor (bicubic, as a screenshot at a lower zoom)."""
+def shrink_ink(ink: np.ndarray, factor: float, enlarge_back: bool = False) -> np.ndarray:
+    """The ink crop resized by factor (bicubic, as a screenshot at a lower zoom); with enlarge_back
+    then resized back to its own size as size_variants enlarges (resize_ink)."""
     if factor == 1.0:
         return ink
     height, width = shrunk_shape(ink.shape, factor)
-    return np.asarray(Image.fromarray(ink).resize((width, height), Image.BICUBIC))
+    shrunk = np.asarray(Image.fromarray(ink).resize((width, height), Image.BICUBIC))
+    return resize_ink(shrunk, *ink.shape) if enlarge_back else shrunk
 
 
 def add_noise(canvas: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -945,14 +952,14 @@ class Dataset:
         return batches
 
     def batch(self, indices: np.ndarray, rngs: Sequence[np.random.Generator] | None = None, augment: bool = False,
-              factors: np.ndarray | None = None, key: tuple[int, int, int] | None = None) -> dict[str, np.ndarray]:
+              inks: Sequence[np.ndarray] | None = None, key: tuple[int, int, int] | None = None) -> dict[str, np.ndarray]:
         """images [batch, H, W, 1] float32 and tokens [batch, L] int32, of the shape `key` (default:
-        the first entry's); row i's ink is shrunk by factors[i] and, with augment, distorted
-        drawing from rngs[i]."""
+        the first entry's); row i holds inks[i] (default: its entry's ink) and, with augment, is
+        distorted drawing from rngs[i]."""
         height, width, length = key or self.keys[indices[0]]
         images = []
         for row, i in enumerate(indices):
-            ink = self.inks[i] if factors is None else shrink_ink(self.inks[i], factors[row])
+            ink = self.inks[i] if inks is None else inks[row]
             ink = augment_ink(ink, rngs[row]) if augment else ink
             canvas = place_in_bucket(ink, (height, width), self.data.margin)
             images.append(add_noise(canvas, rngs[row]) if augment else canvas)
@@ -989,26 +996,32 @@ class BatchStream:
 class TrainBatches(BatchStream):
     """Same-shape image batches of a Dataset, a shuffled epoch at a time, shrunk and augmented
     as `training` asks. Each epoch shrinks a random half of the images (see shrink_factors) and
-    batches each image in the bucket of its shrunk size, so a shrunk image costs fewer cells."""
+    batches each image in the bucket of its shrunk size, so a shrunk image costs fewer cells;
+    a share of them (enlarge_back) is enlarged back and batched at its own size."""
 
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int, augment: bool = False, shrink_to: float = 1.0):
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, augment: bool = False, shrink_to: float = 1.0,
+                 enlarge_back: float = 0.0):
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
-        self.augment, self.shrink_to = augment, shrink_to
+        self.augment, self.shrink_to, self.enlarge_back = augment, shrink_to, enlarge_back
         self._heights = np.array([ink.shape[0] for ink in dataset.inks])
         self._epoch_lengths: list[int] = []
         self._plan: tuple[int, Any] = (-1, None)
 
-    def epoch_plan(self, epoch: int) -> tuple[list[np.ndarray], np.ndarray, list[tuple[int, int, int]]]:
-        """An epoch's batches, and per entry the factor it is shrunk by and its shape at that size."""
+    def epoch_plan(self, epoch: int) -> tuple[list[np.ndarray], np.ndarray, np.ndarray, list[tuple[int, int, int]]]:
+        """An epoch's batches, and per entry the factor it is shrunk by, whether it is enlarged
+        back, and the shape it is batched at."""
         if self._plan[0] != epoch:
             dataset = self.dataset
-            factors, keys = np.ones(len(dataset)), dataset.keys
+            factors, enlarged, keys = np.ones(len(dataset)), np.zeros(len(dataset), bool), dataset.keys
             if self.shrink_to < 1:
                 factors = shrink_factors(self._heights, np.random.default_rng([self.seed, 3, epoch]),
                                          self.shrink_to, dataset.data)
-                keys = [choose_bucket(shrunk_shape(ink.shape, factor), dataset.data) + key[2:]
-                        for ink, factor, key in zip(dataset.inks, factors, dataset.keys)]
-            self._plan = (epoch, (dataset.epoch_batches(self.batch_size, self.seed, epoch, keys), factors, keys))
+                enlarged = (factors < 1) & (np.random.default_rng([self.seed, 4, epoch]).random(len(dataset))
+                                            < self.enlarge_back)
+                keys = [key if back else choose_bucket(shrunk_shape(ink.shape, factor), dataset.data) + key[2:]
+                        for ink, factor, back, key in zip(dataset.inks, factors, enlarged, dataset.keys)]
+            batches = dataset.epoch_batches(self.batch_size, self.seed, epoch, keys)
+            self._plan = (epoch, (batches, factors, enlarged, keys))
         return self._plan[1]
 
     def locate(self, k: int) -> tuple[int, int]:
@@ -1024,12 +1037,13 @@ class TrainBatches(BatchStream):
 
     def make(self, k: int) -> dict[str, np.ndarray]:
         epoch, position = self.locate(k)
-        batches, factors, keys = self.epoch_plan(epoch)
+        batches, factors, enlarged, keys = self.epoch_plan(epoch)
         rows = self.own_rows(self.batch_size)
         indices = batches[position][rows]
         # One generator per row of the global batch, so a row looks the same however it is sharded.
         rngs = [np.random.default_rng([self.seed, 1, k, row]) for row in rows] if self.augment else None
-        return self.dataset.batch(indices, rngs, self.augment, factors[indices], keys[batches[position][0]])
+        inks = [shrink_ink(self.dataset.inks[i], factors[i], enlarged[i]) for i in indices]
+        return self.dataset.batch(indices, rngs, self.augment, inks, keys[batches[position][0]])
 
 
 def formula_bucket(formula: Sequence[str], data: DataSection) -> int:
@@ -2753,7 +2767,8 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> dict[s
     trainee = Trainee(
         params=params,
         make_step=make_ocr_step,
-        batches=TrainBatches(train_set, training.batch_size, training.seed, training.augment, training.shrink_to),
+        batches=TrainBatches(train_set, training.batch_size, training.seed, training.augment, training.shrink_to,
+                             training.enlarge_back),
         validate=validate if val_set is not None else None,
         primary_metric=config.evaluation.primary_metric,
         maximize=METRIC_DIRECTIONS[config.evaluation.primary_metric] == "max",

@@ -294,14 +294,17 @@ def test_shrinking_an_ink_crop_scales_height_width_and_ink_area_by_the_factor():
         assert a.shape == (round(ink.shape[0] * factor), round(ink.shape[1] * factor)) == L.shrunk_shape(ink.shape, factor)
         assert (a.astype(float).sum() / ink.sum()) == pytest.approx(factor ** 2, rel=0.1)
     assert L.shrink_ink(ink, 1.0) is ink
+    blurred = L.shrink_ink(ink, 0.5, enlarge_back=True)  # as size_variants enlarges small glyphs
+    assert blurred.shape == ink.shape
+    np.testing.assert_array_equal(blurred, L.resize_ink(L.shrink_ink(ink, 0.5), *ink.shape))
 
 
 def test_training_batches_hold_shrunk_images_in_the_buckets_of_their_shrunk_size(vocab):
     data = L.DataSection(image_base_dir=str(DATA / "images"))
     dataset = L.Dataset(L.load_split(DATA / "validate.json", data, vocab)[0], data)
     stream = L.TrainBatches(dataset, 8, 0, shrink_to=0.5)
-    batches, factors, keys = stream.epoch_plan(0)
-    assert 0.3 < np.mean(factors < 1) < 0.7
+    batches, factors, enlarged, keys = stream.epoch_plan(0)
+    assert 0.3 < np.mean(factors < 1) < 0.7 and not enlarged.any()
     for entry, (ink, factor) in enumerate(zip(dataset.inks, factors)):
         assert keys[entry] == L.choose_bucket(L.shrunk_shape(ink.shape, factor), data) + dataset.keys[entry][2:]
         assert keys[entry][0] <= dataset.keys[entry][0] and keys[entry][1] <= dataset.keys[entry][1]
@@ -315,7 +318,24 @@ def test_training_batches_hold_shrunk_images_in_the_buckets_of_their_shrunk_size
             np.testing.assert_array_equal(image[..., 0], expected)
         np.testing.assert_array_equal(batch["images"], L.TrainBatches(dataset, 8, 0, shrink_to=0.5).make(k)["images"])
     assert stream.locate(len(batches)) == (1, 0) and stream.locate(len(batches) - 1) == (0, len(batches) - 1)
-    assert L.TrainBatches(dataset, 8, 0).epoch_plan(0)[2] == dataset.keys  # no shrinking: the images' own buckets
+    assert L.TrainBatches(dataset, 8, 0).epoch_plan(0)[3] == dataset.keys  # no shrinking: the images' own buckets
+
+
+def test_training_batches_enlarge_back_a_share_of_the_shrunk_images_at_their_own_size(vocab):
+    data = L.DataSection(image_base_dir=str(DATA / "images"))
+    dataset = L.Dataset(L.load_split(DATA / "validate.json", data, vocab)[0], data)
+    stream = L.TrainBatches(dataset, 8, 0, shrink_to=0.5, enlarge_back=0.5)
+    batches, factors, enlarged, keys = stream.epoch_plan(0)
+    # The same images are shrunk as without enlarging; about half of them are enlarged back.
+    np.testing.assert_array_equal(factors, L.TrainBatches(dataset, 8, 0, shrink_to=0.5).epoch_plan(0)[1])
+    assert not enlarged[factors == 1].any() and 0.25 < enlarged[factors < 1].mean() < 0.75
+    for entry in np.flatnonzero(enlarged):
+        assert keys[entry] == dataset.keys[entry]
+    k = next(k for k, rows in enumerate(batches) if enlarged[rows].any() and not enlarged[rows].all())
+    for image, entry in zip(stream.make(k)["images"], batches[k]):
+        expected = L.shrink_ink(dataset.inks[entry], factors[entry], enlarged[entry])
+        np.testing.assert_array_equal(image[..., 0], L.place_in_bucket(expected, keys[entry][:2], data.margin))
+    assert not L.TrainBatches(dataset, 8, 0, shrink_to=0.5, enlarge_back=0.0).epoch_plan(0)[2].any()
 
 
 # --- data ---------------------------------------------------------------------------------------
