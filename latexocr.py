@@ -1920,33 +1920,38 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothing: float)
     return (losses * weights).sum() / count, count
 
 
-def lr_schedule(training: TrainingSection) -> optax.Schedule:
-    """Linear warmup to training.lr, cosine decay to 1 % of it at total_steps (optimizer updates)."""
-    import optax
-
-    return optax.warmup_cosine_decay_schedule(
-        0.0, training.lr, training.warmup_steps, training.total_steps, end_value=training.lr * 0.01)
+def learning_rate(training: TrainingSection, update: int) -> float:
+    """The rate of optimizer update `update`: linear warmup from 0 to training.lr, then cosine
+    decay to 1 % of it at total_steps."""
+    if update < training.warmup_steps:
+        return training.lr * update / training.warmup_steps
+    decay_steps = max(training.total_steps - training.warmup_steps, 1)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(update - training.warmup_steps, decay_steps) / decay_steps))
+    return training.lr * (0.01 + 0.99 * cosine)
 
 
 def make_optimizer(training: TrainingSection) -> optax.GradientTransformation:
+    """Clipped AdamW whose updates are for a learning rate of 1: each step scales them by the rate
+    it is given (make_step), so a new schedule compiles no new programs. The rate is a schedule,
+    not the constant 1, so that the optimizer state keeps its update count, as checkpoints hold it."""
     import optax
 
     optimizer = optax.chain(optax.clip_by_global_norm(training.grad_clip),
-                            optax.adamw(lr_schedule(training), weight_decay=training.weight_decay))
+                            optax.adamw(lambda count: 1.0, weight_decay=training.weight_decay))
     if training.grad_accum_steps > 1:
         optimizer = optax.MultiSteps(optimizer, every_k_schedule=training.grad_accum_steps)
     return optimizer
 
 
 def make_step(loss_and_metrics, optimizer: optax.GradientTransformation):
-    """Jitted (params, opt_state, batch, key) -> (params, opt_state, metrics), buffers donated,
-    for any `loss_and_metrics(params, batch, key) -> (loss, metrics)`."""
+    """Jitted (params, opt_state, batch, key, learning rate) -> (params, opt_state, metrics),
+    buffers donated, for any `loss_and_metrics(params, batch, key) -> (loss, metrics)`."""
     import optax
 
-    def step(params, opt_state, batch, key):
+    def step(params, opt_state, batch, key, lr):
         (loss, metrics), grads = jax.value_and_grad(loss_and_metrics, has_aux=True)(params, batch, key)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+        params = optax.apply_updates(params, jax.tree.map(lambda update: lr * update, updates))
         return params, opt_state, {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads)}
 
     return jax.jit(step, donate_argnums=(0, 1))
@@ -2107,7 +2112,7 @@ def make_rl_step(model: LatexOCR, optimizer: optax.GradientTransformation, label
     def replicated_extractor(mesh: jax.sharding.Mesh):
         return to_global(extractor[1], jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
-    def step(params, opt_state, batch, key):
+    def step(params, opt_state, batch, key, lr):
         rows = batch["images"].sharding
         decoded = jax.device_put(decode(params, batch["images"], key), rows)
         reference_rows = local_rows(batch["tokens"])
@@ -2123,7 +2128,7 @@ def make_rl_step(model: LatexOCR, optimizer: optax.GradientTransformation, label
         batch = {**batch, **to_global(extra, rows)}
         if extractor is not None:
             batch["extractor"] = replicated_extractor(rows.mesh)
-        return update(params, opt_state, batch, key)
+        return update(params, opt_state, batch, key, lr)
 
     return step
 
@@ -2592,7 +2597,6 @@ def run_training(trainee: Trainee, config: Config, run_dir: Path, resume: bool, 
     train_step = trainee.make_step(optimizer)
     decay = training.ema_decay
     update_average = jax.jit(lambda average, new: jax.tree.map(lambda a, p: a + (1 - decay) * (p - a), average, new))
-    schedule = lr_schedule(training)
     base_key = jax.random.PRNGKey(training.seed)
     total_micro_steps = training.total_steps * training.grad_accum_steps
     deadline = time.monotonic() + training.max_minutes * 60 if training.max_minutes else math.inf
@@ -2610,7 +2614,7 @@ def run_training(trainee: Trainee, config: Config, run_dir: Path, resume: bool, 
             raise UserError(f"training diverged by step {step} (loss {values['loss']}); the last checkpoint "
                             f"in {run_dir} is intact; lower training.lr and --resume")
         rate = len(window) * training.batch_size / (time.monotonic() - window_start)
-        lr = float(schedule(step // training.grad_accum_steps))
+        lr = learning_rate(training, step // training.grad_accum_steps)
         shown = {k: f"{v:.3f}" for k, v in values.items() if k not in ("tokens", "grad_norm")}
         bar.set_postfix(**shown, lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
         log.write("train", console=False, step=step, **values, lr=lr, samples_per_s=rate)
@@ -2657,7 +2661,8 @@ def run_training(trainee: Trainee, config: Config, run_dir: Path, resume: bool, 
                     before = process_memory()
                 batch = to_global(local_batch, rows)
                 key = to_global(jax.random.fold_in(base_key, step), replicated)
-                params, opt_state, metrics = train_step(params, opt_state, batch, key)
+                lr = np.float32(learning_rate(training, step // training.grad_accum_steps))
+                params, opt_state, metrics = train_step(params, opt_state, batch, key, lr)
                 if before:
                     shapes_compiled.add(shape)
                     after = process_memory()

@@ -1,10 +1,11 @@
-"""latexocr tools: data preparation, rendering, the web page and the benchmark, around the core
+"""latexocr tools: data preparation, rendering, export, the web page and the benchmark, around the core
 model in latexocr.py (which never imports this module).
 
     python latexocr_tools.py prepare --root ~/im2latex100k --out my_data --copy-images
     python latexocr_tools.py normalize en-wiki-formulae-good.json wiki/formulas.txt --exclude my_data/test.json
     python latexocr_tools.py render wiki/formulas.txt wiki/renders --dpi 160,200,250
     python latexocr_tools.py combine all --add my_data/train.json=my_data/images --add wiki/renders/train.json=wiki/renders/images
+    python latexocr_tools.py export runs/small my_model --bucket-heights 32,64,128,192
     python latexocr_tools.py serve                 # web page and JSON API on http://127.0.0.1:8000/
     python latexocr_tools.py bench
 """
@@ -902,6 +903,41 @@ def render_formulas(formulas_path: Path, out: Path, split: str, settings: Render
     return report
 
 
+# --- a training run's weights as an inference checkpoint ------------------------------------------
+
+def export_model(run: Path, out: Path, weights: str, buckets: dict[str, tuple[int, ...]]) -> int:
+    """Write a training run's latest step into out (a new folder) as an inference checkpoint: its
+    moving average of the weights (weights="average") or its weights ("last"), float16 with a new
+    checksum, read through `buckets` (data.bucket_heights / bucket_widths) where given, else the
+    buckets it was trained with. Few buckets mean few compiled encoders for predict and serve.
+    Returns the step."""
+    steps = L.checkpoint_steps(run) if run.is_dir() else []
+    if not steps:
+        raise UserError(f"{run} holds no training checkpoints (give the checkpoint_dir of a `latexocr.py train` run)")
+    if out.exists():
+        raise UserError(f"{out} already exists; choose a new folder to export into")
+    step = steps[-1]
+    item = {"average": "ema_params", "last": "params"}[weights]
+    if not (run / str(step) / item).is_dir():
+        raise UserError(f"{run / str(step)} holds no moving average of the weights (training.ema_decay was 0); "
+                        "export its weights with --weights last")
+    metadata = L.read_metadata(run, step)
+    cfg = L.network_config_from_metadata(metadata, run / str(step))
+    data = {**metadata["data"], **{name: list(values) for name, values in buckets.items()}}
+    model_section = L.ModelSection(cell_height=cfg.cell_height, cell_width=cfg.cell_width, max_seq_len=cfg.max_seq_len)
+    L.validate_config(Config(data=L.DataSection(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}),
+                             model=model_section))
+    shapes = L.abstract(jax.eval_shape(lambda: L.init_params(LatexOCR(cfg), 0)))
+    params = L.restore_items(run, step, {item: shapes})[item]
+    exported = {**{k: v for k, v in metadata.items() if k != "params_sha256"}, "data": data,
+                "exported_from": {"run": str(run), "step": step, "weights": weights}}
+    manager = L.checkpoint_manager(out, 1)
+    L.save_checkpoint(manager, step, L.to_storage(params), exported)
+    manager.wait_until_finished()
+    manager.close()
+    return step
+
+
 # --- attention pictures ---------------------------------------------------------------------------
 
 def cross_attention_maps(model: LatexOCR, params: Any, images: jax.Array, tokens: jax.Array, layer: int) -> jax.Array:
@@ -1258,7 +1294,7 @@ def train_step_samples_per_s(predictor: Predictor, repeats: int) -> float:
 
     def five_steps():
         for _ in range(5):
-            state[0], state[1], metrics = step(state[0], state[1], batch, jax.random.PRNGKey(0))
+            state[0], state[1], metrics = step(state[0], state[1], batch, jax.random.PRNGKey(0), training.lr)
         jax.block_until_ready(metrics)
 
     five_steps()
@@ -1526,6 +1562,16 @@ def command_serve(args, config: Config) -> int:
     return 0
 
 
+def command_export(args, config: Config) -> int:
+    buckets = {name: values for name, values in (("bucket_heights", args.bucket_heights),
+                                                 ("bucket_widths", args.bucket_widths)) if values}
+    step = export_model(Path(args.run_dir), Path(args.out), args.weights, buckets)
+    which = "moving average of the weights" if args.weights == "average" else "weights"
+    print(f"wrote {args.out}: the {which} of {args.run_dir} at step {step}, float16"
+          + (f", read through {', '.join(f'{k} {list(v)}' for k, v in buckets.items())}" if buckets else ""))
+    return 0
+
+
 def command_attention(args, config: Config) -> int:
     """Read each image as `predict` does and draw where the decoder looked for each token."""
     evaluation = L.decoding_options(args, config).evaluation
@@ -1589,6 +1635,13 @@ def command_normalize(args, config: Config) -> int:
     return 0
 
 
+def bucket_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(value) for value in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of whole numbers") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser, add = L.command_parser("latexocr_tools.py", __doc__.split("\n\n")[0])
     sub = add("prepare", "convert IM2LATEX-100K (original or gg_processed layout, or formula,image CSV) "
@@ -1643,6 +1696,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="documents rendered at once")
     sub.add_argument("--quiet", action="store_true", help="no progress bar")
     sub.set_defaults(run=command_render)
+
+    sub = add("export", "write a training run's latest step as an inference checkpoint (float16), "
+                        "for --checkpoint or data/model")
+    sub.add_argument("run_dir", metavar="RUN", help="the run's checkpoint_dir")
+    sub.add_argument("out", help="a new folder to write the checkpoint into")
+    sub.add_argument("--weights", choices=("average", "last"), default="average",
+                     help="the moving average of the weights (training.ema_decay; the default) or the weights")
+    sub.add_argument("--bucket-heights", type=bucket_list, metavar="H,H,...",
+                     help="read images through these bucket heights (default: those the run trained with)")
+    sub.add_argument("--bucket-widths", type=bucket_list, metavar="W,W,...",
+                     help="and these bucket widths (fewer buckets: fewer compiled encoders, a faster start)")
+    sub.set_defaults(run=command_export)
 
     sub = add("attention", "draw where the decoder looked for each token of each image's answer")
     sub.add_argument("images", nargs="+", help="image files")

@@ -795,17 +795,38 @@ def test_gradient_accumulation_of_a_repeated_batch_equals_one_step(tiny_model, v
     examples, _ = L.load_split(DATA / "validate.json", data, vocab)
     dataset = L.Dataset(examples, data)
     batch = dataset.batch(dataset.epoch_batches(4, 0, 0)[0])
-    settings = dict(lr=1e-3, warmup_steps=0, total_steps=10)
-    single, accumulated = L.make_optimizer(L.TrainingSection(**settings)), \
-        L.make_optimizer(L.TrainingSection(grad_accum_steps=2, **settings))
+    single, accumulated = L.make_optimizer(L.TrainingSection()), L.make_optimizer(L.TrainingSection(grad_accum_steps=2))
     copy = lambda tree: jax.tree.map(jnp.array, tree)  # noqa: E731  (steps donate their inputs)
     key = jax.random.PRNGKey(0)
-    one, _, _ = L.make_train_step(model, single, 0.0, 0.5)(copy(params), single.init(params), batch, key)
+    one, _, _ = L.make_train_step(model, single, 0.0, 0.5)(copy(params), single.init(params), batch, key, 1e-3)
     step = L.make_train_step(model, accumulated, 0.0, 0.5)
-    two, state, _ = step(copy(params), accumulated.init(params), batch, key)
+    two, state, _ = step(copy(params), accumulated.init(params), batch, key, 1e-3)
     jax.tree.map(np.testing.assert_array_equal, two, params)  # no update before the k-th micro-step
-    two, _, _ = step(two, state, batch, key)
+    two, _, _ = step(two, state, batch, key, 1e-3)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), one, two)
+
+
+def test_learning_rate_warms_up_then_decays_by_a_cosine_to_one_percent():
+    training = L.TrainingSection(lr=1e-3, warmup_steps=10, total_steps=110)
+    rates = [L.learning_rate(training, update) for update in (0, 5, 10, 60, 110, 500)]
+    # Halfway through the decay the cosine is 0.5: 1e-3 * (0.01 + 0.99 * 0.5).
+    assert rates == pytest.approx([0.0, 5e-4, 1e-3, 1e-3 * 0.505, 1e-5, 1e-5])
+
+
+def test_a_new_learning_rate_schedule_compiles_the_same_training_step(tiny_model):
+    """The rate is an argument of the step, so runs with another lr, warmup or length (each new
+    phase) load the programs a previous run compiled instead of compiling every batch shape again."""
+    model, params = tiny_model
+    batch = {"images": np.ones((2, 32, 128, 1), np.float32),
+             "tokens": L.token_array([np.array([7, 8, 9]), np.array([10])], 6)}
+    programs = []
+    for training in (L.TrainingSection(), L.TrainingSection(lr=3e-5, warmup_steps=7, total_steps=99)):
+        optimizer = L.make_optimizer(training)
+        step = L.make_train_step(model, optimizer, training.label_smoothing, training.ctc_weight)
+        lowered = step.lower(params, optimizer.init(params), batch, jax.random.PRNGKey(0),
+                             np.float32(L.learning_rate(training, 3)))
+        programs.append(lowered.as_text())
+    assert programs[0] == programs[1]
 
 
 def test_ctc_loss_hand_worked():
@@ -820,12 +841,12 @@ def test_ctc_loss_hand_worked():
 
 def test_train_step_adds_weighted_ctc_and_skips_it_at_weight_zero(tiny_model):
     model, params = tiny_model
-    optimizer = L.make_optimizer(L.TrainingSection(warmup_steps=0, total_steps=10))
+    optimizer = L.make_optimizer(L.TrainingSection())
     batch = {"images": np.ones((2, 32, 128, 1), np.float32),
              "tokens": L.token_array([np.array([7, 8, 9]), np.array([10])], 6)}
     copy = lambda tree: jax.tree.map(jnp.array, tree)  # noqa: E731  (steps donate their inputs)
     metrics = {weight: L.make_train_step(model, optimizer, 0.0, weight)(
-        copy(params), optimizer.init(params), batch, jax.random.PRNGKey(0))[2] for weight in (0.0, 0.5)}
+        copy(params), optimizer.init(params), batch, jax.random.PRNGKey(0), 5e-4)[2] for weight in (0.0, 0.5)}
     assert "ctc" not in metrics[0.0] and float(metrics[0.0]["loss"]) == pytest.approx(float(metrics[0.0]["ce"]))
     assert float(metrics[0.5]["ce"]) == pytest.approx(float(metrics[0.0]["ce"]), rel=1e-5)
     assert float(metrics[0.5]["loss"]) == pytest.approx(float(metrics[0.5]["ce"]) + 0.5 * float(metrics[0.5]["ctc"]),
@@ -847,11 +868,11 @@ def test_bf16_compute_trains_with_float32_parameters(vocab):
     assert cfg.dtype == "bfloat16"
     model = L.LatexOCR(cfg)
     params = L.init_params(model, 0)
-    optimizer = L.make_optimizer(L.TrainingSection(warmup_steps=0, total_steps=10))
+    optimizer = L.make_optimizer(L.TrainingSection())
     batch = {"images": np.ones((2, 32, 128, 1), np.float32),
              "tokens": L.token_array([np.array([7, 8, 9]), np.array([10])], 6)}
     new_params, _, metrics = L.make_train_step(model, optimizer, 0.1, 0.5)(
-        params, optimizer.init(params), batch, jax.random.PRNGKey(0))
+        params, optimizer.init(params), batch, jax.random.PRNGKey(0), 5e-4)
     assert np.isfinite(float(metrics["loss"]))
     assert {x.dtype for x in jax.tree.leaves(new_params)} == {np.dtype("float32")}
 
@@ -1109,14 +1130,14 @@ def eight_batch(eight_examples, vocab):
 
 def test_rl_step_with_lambda_zero_is_the_cross_entropy_step(tiny_model, eight_batch):
     model, params = tiny_model
-    optimizer = L.make_optimizer(L.TrainingSection(lr=1e-3, warmup_steps=0, total_steps=10))
+    optimizer = L.make_optimizer(L.TrainingSection())
     copy = lambda tree: jax.tree.map(jnp.array, tree)  # noqa: E731  (steps donate their inputs)
     key = jax.random.PRNGKey(3)
     rl = L.RLSection(lambda_rl=0.0, extractor_weight=0.0, edit_weight=1.0)
     ce_params, _, ce_metrics = L.make_train_step(model, optimizer, 0.1, 0.0)(
-        copy(params), optimizer.init(params), eight_batch, key)
+        copy(params), optimizer.init(params), eight_batch, key, 1e-3)
     rl_params, _, rl_metrics = L.make_rl_step(model, optimizer, 0.1, rl, (48, 96, 160, 256))(
-        copy(params), optimizer.init(params), eight_batch, key)
+        copy(params), optimizer.init(params), eight_batch, key, 1e-3)
     assert float(rl_metrics["loss"]) == pytest.approx(float(ce_metrics["loss"]), abs=1e-6)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), ce_params, rl_params)
     assert not np.allclose(ce_params["head"]["bias"], params["head"]["bias"])
@@ -1125,11 +1146,12 @@ def test_rl_step_with_lambda_zero_is_the_cross_entropy_step(tiny_model, eight_ba
 def test_extractor_reward_with_self_critical_baseline_steps(tiny_model, eight_batch, pretrained_extractor):
     model, params = tiny_model
     extractor, extractor_params, _ = L.load_feature_extractor(str(pretrained_extractor[0]))
-    optimizer = L.make_optimizer(L.TrainingSection(lr=1e-3, warmup_steps=0, total_steps=10))
+    optimizer = L.make_optimizer(L.TrainingSection())
     rl = L.RLSection(lambda_rl=1.0, baseline="self_critical", exact_match_bonus=1.0)
     step = L.make_rl_step(model, optimizer, 0.1, rl, (48, 96, 160, 256),
                           (L.make_features(extractor, "mean"), extractor_params))
-    _, _, metrics = step(jax.tree.map(jnp.array, params), optimizer.init(params), eight_batch, jax.random.PRNGKey(0))
+    _, _, metrics = step(jax.tree.map(jnp.array, params), optimizer.init(params), eight_batch, jax.random.PRNGKey(0),
+                         1e-3)
     assert {"ce_loss", "rl_loss", "reward", "exact"} <= set(metrics)
     assert -1.0 <= float(metrics["reward"]) <= 2.0 and float(metrics["exact"]) == 0.0
     assert np.isfinite(float(metrics["rl_loss"])) and float(metrics["rl_loss"]) != 0.0

@@ -238,6 +238,34 @@ def test_uncached_reference_decoder_agrees_with_cached_greedy(ending_model):
     assert T.UncachedDecoder(predictor)(np.asarray(images[:3])) == predictor.decode_batch(np.asarray(images[:3]))[0]
 
 
+def test_export_writes_a_float16_checkpoint_that_reads_as_the_run_through_the_buckets_asked(
+        overfit_run, eight_examples, tmp_path, capsys):
+    run_dir, _ = overfit_run
+    out = tmp_path / "model"
+    code, printed, _ = run_tools(["export", run_dir, out, "--weights", "last", "--bucket-heights", "32,96,192",
+                                  "--bucket-widths", "256,512"], capsys)
+    assert code == 0 and f"wrote {out}" in printed
+    step = L.checkpoint_steps(run_dir)[-1]
+    metadata = L.read_metadata(out, step)
+    assert metadata["exported_from"] == {"run": str(run_dir), "step": step, "weights": "last"}
+    predictor = L.load_predictor(str(out))
+    assert predictor.data.bucket_heights == (32, 96, 192) and predictor.data.bucket_widths == (256, 512)
+    import orbax.checkpoint as ocp
+    stored = L.leaves_by_name(ocp.StandardCheckpointHandler().metadata((out / str(step) / "params").resolve()))
+    assert {np.dtype(leaf.dtype) for leaf in stored.values()} == {np.dtype("float16")}
+    entries = json.loads(eight_examples.read_text()).values()
+    images = [predictor.preprocess(L.open_image(DATA / "images" / e["img_path"])) for e in entries]
+    assert [" ".join(r.tokens) for r in predictor.read_images(images)] == [e["caption"] for e in entries]
+    for argv, message in (([run_dir, out], "already exists"),
+                          ([run_dir, tmp_path / "average"], "no moving average.*--weights last"),
+                          ([tmp_path, tmp_path / "new"], "holds no training checkpoints"),
+                          ([run_dir, tmp_path / "odd", "--weights", "last", "--bucket-heights", "40"],
+                           "multiples of model.cell_height")):
+        code, _, err = run_tools(["export", *argv], capsys)
+        assert code != 0 and re.search(message, err) and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "average").exists() and not (tmp_path / "odd").exists()
+
+
 def test_cli_bench_reports_every_measure(overfit_run, eight_examples, capsys):
     run_dir, _ = overfit_run
     code, out, err = run_tools(["bench", "--checkpoint", run_dir, "--images", 2, "--repeats", 1, "--json", "--quiet",
