@@ -772,21 +772,27 @@ def test_training_clears_compiled_programs_before_memory_runs_out_and_ends_as_wi
         clear_caches()
 
     # Shrinking puts some of the eight images (one bucket as they are) in a smaller bucket: two shapes.
-    settings = dict(total_steps=6, warmup_steps=1, eval_every=100, shrink_to=0.5)
+    settings = dict(total_steps=3, warmup_steps=1, eval_every=100, shrink_to=0.5)
+    no_validation = tmp_path / "empty.json"
+    no_validation.write_text("{}")
+
+    def config(run_dir):
+        overrides = tiny_overrides(run_dir, eight_examples, **settings)
+        return L.apply_overrides(L.Config(), {**overrides, "data": {**overrides["data"], "validate_split": no_validation}})
+
     monkeypatch.setattr(L, "process_memory", fake_memory)
     monkeypatch.setattr(jax, "clear_caches", counted_clear)
     dropping = tmp_path / "dropping"
-    assert L.train(L.apply_overrides(L.Config(), tiny_overrides(dropping, eight_examples, **settings)),
-                   progress=False)["step"] == 6
+    assert L.train(config(dropping), progress=False)["step"] == 3
     assert cleared and set(cleared) == {1}
     events = [json.loads(line) for line in (dropping / "train.log").read_text().splitlines()]
     assert [e["programs"] for e in events if e["event"] == "programs_cleared"] == [1] * len(cleared)
     monkeypatch.setattr(L, "process_memory", lambda: None)  # where /proc does not tell, nothing is checked
     straight = tmp_path / "straight"
-    L.train(L.apply_overrides(L.Config(), tiny_overrides(straight, eight_examples, **settings)), progress=False)
-    model = L.LatexOCR(L.network_config_from_metadata(L.read_metadata(straight, 6), straight))
+    L.train(config(straight), progress=False)
+    model = L.LatexOCR(L.network_config_from_metadata(L.read_metadata(straight, 3), straight))
     both = {"params": L.abstract(L.init_params(model, 0))}
-    jax.tree.map(np.testing.assert_array_equal, L.restore_items(dropping, 6, both), L.restore_items(straight, 6, both))
+    jax.tree.map(np.testing.assert_array_equal, L.restore_items(dropping, 3, both), L.restore_items(straight, 3, both))
 
 
 def test_gradient_accumulation_of_a_repeated_batch_equals_one_step(tiny_model, vocab):
