@@ -2523,9 +2523,10 @@ def process_memory() -> ProcessMemory | None:
 
 def room_for_programs(memory: ProcessMemory, per_program: ProcessMemory, count: int) -> bool:
     """Whether `count` more compiled programs of per_program's size fit, in memory mappings (past
-    the limit compiling aborts the process) and in memory, with 1 GiB to spare."""
+    the limit compiling aborts the process) and in memory, with 2 GiB to spare (validation runs
+    between steps and needs room too)."""
     return (memory.mappings + count * per_program.mappings <= memory.mapping_limit
-            and count * per_program.resident + 2**30 <= memory.available)
+            and count * per_program.resident + 2 * 2**30 <= memory.available)
 
 
 @contextlib.contextmanager
@@ -2665,6 +2666,7 @@ def run_training(trainee: Trainee, config: Config, run_dir: Path, resume: bool, 
                 params, opt_state, metrics = train_step(params, opt_state, batch, key, lr)
                 if before:
                     shapes_compiled.add(shape)
+                    jax.block_until_ready(metrics)  # a program keeps much of what its first run allocates
                     after = process_memory()
                     per_program = ProcessMemory(max(per_program.mappings, after.mappings - before.mappings), 0,
                                                 max(per_program.resident, after.resident - before.resident), 0)
