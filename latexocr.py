@@ -2378,13 +2378,17 @@ def traced_program_dir() -> Path | None:
     return Path(directory) / "latexocr-traced" if directory else None
 
 
+def data_section(saved: dict) -> DataSection:
+    """The image settings a checkpoint's metadata holds (JSON lists back to tuples)."""
+    return DataSection(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+
+
 def load_predictor(path: str, decoding: EvaluationSection = EvaluationSection(),
                    program_dir: Path | None = None) -> Predictor:
     """Rebuild model, parameters, vocabulary and image settings from a checkpoint alone, to decode
     as `decoding` says (beam length penalty, the other sizes an image is read at)."""
     model, params, metadata = restore_model(path, LatexOCRConfig, program_dir)
-    data = DataSection(**{k: tuple(v) if isinstance(v, list) else v for k, v in metadata["data"].items()})
-    return Predictor(model, params, Vocabulary(metadata["vocab"]), data, decoding, program_dir)
+    return Predictor(model, params, Vocabulary(metadata["vocab"]), data_section(metadata["data"]), decoding, program_dir)
 
 
 def check_compatible(metadata: dict, cfg: LatexOCRConfig | FeatureExtractorConfig, vocab: Vocabulary, where: Path) -> None:
