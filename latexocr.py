@@ -2307,29 +2307,32 @@ def restore_items(directory: Path, step: int, items: dict[str, Any]) -> dict[str
     import orbax.checkpoint as ocp
 
     where = directory / str(step)
-    stored = {}
-    for name, target in items.items():
+    handlers = {"meta": ocp.JsonCheckpointHandler(), **{name: ocp.StandardCheckpointHandler() for name in items}}
+    options = ocp.CheckpointManagerOptions(create=False)
+    with ocp.CheckpointManager(directory.resolve(), options=options, item_handlers=handlers) as manager:
         try:
-            stored[name] = leaves_by_name(ocp.StandardCheckpointHandler().metadata((where / name).resolve()))
-        except Exception as error:  # orbax raises many types for a missing or unreadable item
-            raise UserError(f"checkpoint {where} has no readable {name}: {str(error).splitlines()[0][:300]}") from None
-        problem = shape_mismatch(stored[name], leaves_by_name(target))
-        if problem:
-            raise UserError(f"checkpoint {where} does not match this model: {problem}")
-    as_stored = {name: jax.tree_util.tree_map_with_path(
-        lambda path, t, leaves=stored[name]: jax.ShapeDtypeStruct(t.shape, leaves[leaf_name(path)].dtype,
-                                                                  sharding=t.sharding), target)
-        for name, target in items.items()}
-    checkpointer = ocp.StandardCheckpointer()
-    try:
-        restored = {name: checkpointer.restore((where / name).resolve(), as_stored[name]) for name in items}
-    except Exception as error:  # tensorstore reports a truncated or missing data file as a bare Exception
-        reason = str(error).split(". See full TensorStore details")[0].splitlines()[0][:200]
-        raise UserError(f"checkpoint {where} is damaged or incomplete ({reason}); "
-                        "copy it again or use another checkpoint") from None
-    finally:
-        checkpointer.close()
-    saved_digest = read_metadata(directory, step).get("params_sha256")
+            saved = manager.item_metadata(step)
+        except Exception as error:  # orbax raises many types for an unreadable step
+            raise UserError(f"checkpoint {where} is unreadable: {str(error).splitlines()[0][:300]}") from None
+        stored = {}
+        for name, target in items.items():
+            if saved.get(name) is None:  # orbax answers None for an item whose metadata it cannot read
+                raise UserError(f"checkpoint {where} has no readable {name}")
+            stored[name] = leaves_by_name(saved[name])
+            problem = shape_mismatch(stored[name], leaves_by_name(target))
+            if problem:
+                raise UserError(f"checkpoint {where} does not match this model: {problem}")
+        as_stored = {name: ocp.args.StandardRestore(jax.tree_util.tree_map_with_path(
+            lambda path, t, leaves=stored[name]: jax.ShapeDtypeStruct(t.shape, leaves[leaf_name(path)].dtype,
+                                                                      sharding=t.sharding), target))
+            for name, target in items.items()}
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), **as_stored))
+        except Exception as error:  # tensorstore reports a truncated or missing data file as a bare Exception
+            reason = str(error).split(". See full TensorStore details")[0].splitlines()[0][:200]
+            raise UserError(f"checkpoint {where} is damaged or incomplete ({reason}); "
+                            "copy it again or use another checkpoint") from None
+    saved_digest = restored["meta"].get("params_sha256")
     if "params" in restored and saved_digest and params_digest(restored["params"]) != saved_digest:
         raise UserError(f"checkpoint {where} is damaged: its parameters do not match the checksum saved with them; "
                         "copy it again or use another checkpoint")
@@ -3078,8 +3081,10 @@ def build_parser() -> argparse.ArgumentParser:
 def quiet_abandoned_checkpoint_reads() -> None:
     """After a failed read of a damaged checkpoint, orbax's abandoned asyncio reads report their
     errors as the process ends, hundreds of lines after the one error line that matters. This
-    program runs no asyncio code of its own, so those reports are dropped."""
+    program runs no asyncio code of its own, so those reports are dropped, and so are orbax's warnings
+    about an item it cannot read, which the error line names."""
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    logging.getLogger("absl").setLevel(logging.ERROR)
     default_hook = sys.unraisablehook
 
     def hook(unraisable) -> None:
