@@ -547,12 +547,29 @@ def test_round_trip_check_of_the_shipped_captions():
     assert any("\\frac 1" in f["formula"] or "\\sqrt 2" in f["formula"] for f in failures)
 
 
+# (as the normalizer writes it, as IM2LATEX-100K mostly writes the same glyphs)
+RESPELLED = [
+    ("\\mathbf { x } + y", "{ \\bf x } + y"),
+    ("y _ { \\mathbf { v } } ^ { 2 }", "y _ { \\bf v } ^ { 2 }"),  # alone in a group: no group of its own
+    ("\\frac { \\mathcal { L } } { 2 } \\mathit { a b }", "\\frac { \\cal L } { 2 } { \\it a b }"),
+    ("\\mathbf { A \\mathbf { b } \\to c }", "{ \\bf A { \\bf b } \\rightarrow c }"),
+    ("a \\le b \\ge c \\ne d \\land e", "a \\leq b \\geq c \\neq d \\wedge e"),
+    ("\\lbrace x \\vert \\Vert x \\Vert \\rbrace \\lbrack", "\\{ x | \\| x \\| \\} ["),
+    ("\\left\\lbrace x \\right. \\mathrm { T r }", "\\left\\lbrace x \\right. \\mathrm { T r }"),  # one token; mathrm stays
+]
+
+
+@pytest.mark.parametrize("normalized, respelled", RESPELLED)
+def test_majority_spelling_writes_the_glyphs_as_im2latex_mostly_does(normalized, respelled):
+    assert " ".join(T.majority_spelling(normalized.split())) == respelled
+
+
 def test_normalize_formulas_drops_and_counts_by_reason():
     vocab = L.load_vocabulary(DATA / "model" / "vocab.json")
-    sources = ["x^2", "x^{2}", "\\mathbb{R}^n", "a+b+c+d+e", "x^2^3", "\\frac12", "", "\\,\\!", "y\\,\\!"]
+    sources = ["x^2", "x^{2}", "\\mathbb{R}^n", "a+b+c+d+e", "x^2^3", "\\frac12", "", "\\,\\!", "y\\,\\!", "\\mathbf{a}\\to b"]
     kept, report = T.normalize_formulas(sources, vocab, excluded={"\\frac { 1 } { 2 }"}, max_tokens=7)
-    assert kept == ["x ^ { 2 }", "y"]
-    assert report["formulas"] == 9 and report["kept"] == 2
+    assert kept == ["x ^ { 2 }", "y", "{ \\bf a } \\rightarrow b"]
+    assert report["formulas"] == 10 and report["kept"] == 3
     assert report["dropped"] == {"duplicate": 1, "token outside the vocabulary": 1, "over 7 tokens": 1,
                                  "not normalizable: double superscript": 1, "excluded formula": 1,
                                  "not normalizable: empty formula": 1, "not normalizable: only spacing": 1}
