@@ -1253,8 +1253,12 @@ class DecoderBlock(nn.Module):
         return self.read_image_and_mix(x, cross_kv, cells, True), cache
 
     def read_image_and_mix(self, x, cross_kv, cells, deterministic):
+        """x [B * beams, L, D] (rows image-major) reads its image's memory, cross_kv [B, cells, H, Dh]
+        each: one image's beams are queries of one row, so beam search reads each memory once."""
         mask = jnp.ones((), bool) if cells is None else cells[:, None, None, :]
-        x = x + self.dropout(self.cross_attention(self.norm_cross(x), *cross_kv, mask), deterministic=deterministic)
+        queries = self.norm_cross(x).reshape(cross_kv[0].shape[0], -1, x.shape[-1])  # [B, beams * L, D]
+        read = self.cross_attention(queries, *cross_kv, mask).reshape(x.shape)
+        x = x + self.dropout(read, deterministic=deterministic)
         return x + self.dropout(self.mlp(self.norm_mlp(x), deterministic), deterministic=deterministic)
 
 
@@ -1411,14 +1415,10 @@ def encode_memory(model: LatexOCR, params: Any, images: jax.Array, length: int |
     return Memory(jax.tree.map(pad, keys_values), jnp.broadcast_to(jnp.arange(length) < cells, (images.shape[0], length)))
 
 
-def repeat_memory(memory: Memory, copies: int) -> Memory:
-    """Each image's memory `copies` times in a row (one per beam)."""
-    return jax.tree.map(lambda x: jnp.repeat(x, copies, axis=0), memory)
-
-
 def step_function(model: LatexOCR, params: Any, memory: Memory):
-    """The decoder as the searches below see it (flax wmt's tokens_to_logits):
-    (token [B], position, cache) -> (logits [B, vocab], cache with this position written in)."""
+    """The decoder as the searches below see it (flax wmt's tokens_to_logits): (token [B * beams],
+    position, cache) -> (logits [B * beams, vocab], cache with this position written in), rows
+    image-major, for the memory of B images."""
     def tokens_to_logits(token, position, cache):
         return model.apply({"params": params}, token, position, cache, memory.keys_values, memory.cells,
                            method=LatexOCR.decode_step)
@@ -1590,14 +1590,13 @@ def decode_memory(model: LatexOCR, params: Any, memory: Memory, beam_width: int,
         tokens, log_prob = decode_loop(step_function(model, params, memory), model.cfg, batch, greedy_pick,
                                        jax.random.PRNGKey(0))
         return tokens, length_normalised(log_prob, sequence_lengths(tokens), length_penalty)
-    tokens_to_logits = step_function(model, params, repeat_memory(memory, beam_width))
-    return beam_loop(tokens_to_logits, model.cfg, batch, beam_width, length_penalty)
+    return beam_loop(step_function(model, params, memory), model.cfg, batch, beam_width, length_penalty)
 
 
 def beam_search(model: LatexOCR, params: Any, images: jax.Array, beam_width: int,
                 length_penalty: float) -> tuple[jax.Array, jax.Array]:
     """beam_loop over images [B, H, W, 1] (at any width, 1 included)."""
-    memory = repeat_memory(encode_memory(model, params, images), beam_width)
+    memory = encode_memory(model, params, images)
     return beam_loop(step_function(model, params, memory), model.cfg, images.shape[0], beam_width, length_penalty)
 
 
