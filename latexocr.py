@@ -2527,12 +2527,17 @@ def process_memory() -> ProcessMemory | None:
         return None
 
 
-def room_for_programs(memory: ProcessMemory, per_program: ProcessMemory, count: int) -> bool:
-    """Whether `count` more compiled programs of per_program's size fit, in memory mappings (past
-    the limit compiling aborts the process) and in memory, with 2 GiB to spare (validation runs
-    between steps and needs room too)."""
-    return (memory.mappings + count * per_program.mappings <= memory.mapping_limit
-            and count * per_program.resident + 2 * 2**30 <= memory.available)
+def room_for_programs(memory: ProcessMemory, costs: Sequence[ProcessMemory], count: int, dropped: int = 0) -> bool:
+    """Whether `count` more compiled programs fit once `dropped` of those loaded are dropped, at the
+    median of the costs measured (each program's growth of this process over its first run): in
+    memory mappings (past the limit compiling aborts the process) and in memory, keeping free the
+    most a first run grew (at least 2 GiB), which is working memory the next step may need again."""
+    if not costs:
+        return True
+    mappings, resident = (sorted(getattr(cost, name) for cost in costs)[len(costs) // 2] for name in ("mappings", "resident"))
+    working = max(2 * 2**30, max(cost.resident for cost in costs))
+    return (memory.mappings + (count - dropped) * mappings <= memory.mapping_limit
+            and (count - dropped) * resident + working <= memory.available)
 
 
 @contextlib.contextmanager
@@ -2652,14 +2657,15 @@ def run_training(trainee: Trainee, config: Config, run_dir: Path, resume: bool, 
     prefetch = concurrent.futures.ThreadPoolExecutor(1)
     stream = trainee.batches.iterate(step, prefetch)
     shapes_compiled: set[tuple] = set()
-    per_program = ProcessMemory(0, 0, 0, 0)  # the largest cost of one compiled program seen so far
+    program_costs: list[ProcessMemory] = []
     try:
         with stop_requests() as stop:
             while step < total_micro_steps and time.monotonic() < deadline and not stop.is_set():
                 local_batch = next(stream)
                 shape = tuple(x.shape for x in jax.tree.leaves(local_batch))
                 before = process_memory() if shape not in shapes_compiled else None
-                if before and shapes_compiled and not room_for_programs(before, per_program, 2):
+                if (before and not room_for_programs(before, program_costs, 2)
+                        and room_for_programs(before, program_costs, 2, dropped=len(shapes_compiled))):
                     # Programs of the shapes in use load again from the compilation cache, in seconds.
                     jax.clear_caches()
                     log.write("programs_cleared", console=False, step=step, programs=len(shapes_compiled),
@@ -2673,9 +2679,9 @@ def run_training(trainee: Trainee, config: Config, run_dir: Path, resume: bool, 
                 if before:
                     shapes_compiled.add(shape)
                     jax.block_until_ready(metrics)  # a program keeps much of what its first run allocates
-                    after = process_memory()
-                    per_program = ProcessMemory(max(per_program.mappings, after.mappings - before.mappings), 0,
-                                                max(per_program.resident, after.resident - before.resident), 0)
+                    after = process_memory() or before
+                    program_costs.append(ProcessMemory(max(after.mappings - before.mappings, 0), 0,
+                                                       max(after.resident - before.resident, 0), 0))
                 step += 1
                 if ema is not None and step % training.grad_accum_steps == 0:
                     ema = update_average(ema, params)

@@ -750,6 +750,23 @@ def test_resume_equals_uninterrupted_run_weights_and_average(tmp_path, eight_exa
     jax.tree.map(np.testing.assert_array_equal, L.restore_items(resumed, 4, both), L.restore_items(straight, 4, both))
 
 
+def test_room_for_programs_at_their_median_cost_keeping_the_largest_first_run_free():
+    MB, GB = 2**20, 2**30
+    # five programs that grew the process by 250 MB, one whose first run (the largest batch shape's
+    # activations) grew it by 5 GB: a median program costs 250 MB, and 5 GB stay free for working
+    costs = [L.ProcessMemory(1200, 0, 250 * MB, 0)] * 5 + [L.ProcessMemory(1300, 0, 5 * GB, 0)]
+    assert L.room_for_programs(L.ProcessMemory(3000, 262_144, 8 * GB, 0), [], 2)  # nothing measured yet
+    plenty = L.ProcessMemory(3000, 262_144, 8 * GB, 11 * GB)
+    assert L.room_for_programs(plenty, costs, 2)  # 2 x 250 MB + 5 GB <= 11 GB
+    short = L.ProcessMemory(3000, 262_144, 8 * GB, 5 * GB)
+    assert not L.room_for_programs(short, costs, 2)  # 5.5 GB > 5 GB
+    assert not L.room_for_programs(short, costs, 2, dropped=1)  # dropping one frees too little: 5.25 GB
+    assert L.room_for_programs(short, costs, 2, dropped=4)  # dropping four does: 4.5 GB
+    crowded = L.ProcessMemory(260_000, 262_144, 8 * GB, 11 * GB)
+    assert not L.room_for_programs(crowded, costs, 2)  # 260,000 + 2 x 1,200 mappings > 262,144
+    assert L.room_for_programs(crowded, costs, 2, dropped=1)
+
+
 def test_training_clears_compiled_programs_before_memory_runs_out_and_ends_as_without(tmp_path, monkeypatch,
                                                                                       eight_examples):
     """Each batch shape's compiled program stays loaded, holding memory mappings (past vm.max_map_count
