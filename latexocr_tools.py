@@ -1237,9 +1237,12 @@ def make_server(service: OCRService, host: str, port: int):
     """A threaded HTTP server for `service` on host:port (port 0: any free port)."""
     from http.server import ThreadingHTTPServer
 
-    server = ThreadingHTTPServer((host, port), make_handler(service))
-    server.daemon_threads = True
-    return server
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+        # socketserver's default of 5 waiting connections reset the 20th concurrent client of a busy machine
+        request_queue_size = 128
+
+    return Server((host, port), make_handler(service))
 
 
 # --- benchmark ------------------------------------------------------------------------------------
