@@ -22,6 +22,7 @@ import collections
 import concurrent.futures
 import contextlib
 import copy
+import ctypes
 import dataclasses
 import functools
 import hashlib
@@ -2526,6 +2527,14 @@ def process_memory() -> ProcessMemory | None:
         return None
 
 
+def return_freed_memory() -> None:
+    """Give the system back what the allocator keeps of freed memory (glibc's malloc_trim): after
+    compiled programs are dropped the process would otherwise stay as large, and the system's
+    available memory would never show what dropping them gave."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def room_for_programs(memory: ProcessMemory, costs: Sequence[ProcessMemory], count: int, dropped: int = 0) -> bool:
     """Whether `count` more compiled programs fit once `dropped` of those loaded are dropped, at the
     median of the costs measured (each program's growth of this process over its first run): in
@@ -2657,20 +2666,26 @@ def run_training(trainee: Trainee, config: Config, run_dir: Path, resume: bool, 
     stream = trainee.batches.iterate(step, prefetch)
     shapes_compiled: set[tuple] = set()
     program_costs: list[ProcessMemory] = []
+    clearing_pays = True
     try:
         with stop_requests() as stop:
             while step < total_micro_steps and time.monotonic() < deadline and not stop.is_set():
                 local_batch = next(stream)
                 shape = tuple(x.shape for x in jax.tree.leaves(local_batch))
                 before = process_memory() if shape not in shapes_compiled else None
-                if (before and not room_for_programs(before, program_costs, 2)
+                if (before and clearing_pays and not room_for_programs(before, program_costs, 2)
                         and room_for_programs(before, program_costs, 2, dropped=len(shapes_compiled))):
                     # Programs of the shapes in use load again from the compilation cache, in seconds.
                     jax.clear_caches()
+                    return_freed_memory()
+                    cleared = process_memory() or before
+                    # Where dropping gives nothing back, clearing again would only cost recompiles.
+                    clearing_pays = room_for_programs(cleared, program_costs, 2)
                     log.write("programs_cleared", console=False, step=step, programs=len(shapes_compiled),
-                              mappings=before.mappings, available_mb=before.available // 2**20)
+                              mappings=before.mappings, available_mb=before.available // 2**20,
+                              available_after_mb=cleared.available // 2**20, clearing_pays=clearing_pays)
                     shapes_compiled.clear()
-                    before = process_memory()
+                    before = cleared
                 batch = to_global(local_batch, rows)
                 key = to_global(jax.random.fold_in(base_key, step), replicated)
                 lr = np.float32(learning_rate(training, step // training.grad_accum_steps))

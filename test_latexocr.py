@@ -1,6 +1,7 @@
 """Tests of the core, latexocr.py; shared fixtures are in conftest.py."""
 
 import collections
+import ctypes.util
 import dataclasses
 import io
 import json
@@ -767,6 +768,16 @@ def test_room_for_programs_at_their_median_cost_keeping_the_largest_first_run_fr
     assert L.room_for_programs(crowded, costs, 2, dropped=1)
 
 
+def two_shape_config(tmp_path, run_dir, examples, total_steps):
+    """A tiny run without validation whose batches come in two shapes: shrinking puts some of the
+    eight images (one bucket as they are) in a smaller bucket."""
+    settings = dict(total_steps=total_steps, warmup_steps=1, eval_every=100, shrink_to=0.5)
+    no_validation = tmp_path / "empty.json"
+    no_validation.write_text("{}")
+    overrides = tiny_overrides(run_dir, examples, **settings)
+    return L.apply_overrides(L.Config(), {**overrides, "data": {**overrides["data"], "validate_split": no_validation}})
+
+
 def test_training_clears_compiled_programs_before_memory_runs_out_and_ends_as_without(tmp_path, monkeypatch,
                                                                                       eight_examples):
     """Each batch shape's compiled program stays loaded, holding memory mappings (past vm.max_map_count
@@ -788,14 +799,8 @@ def test_training_clears_compiled_programs_before_memory_runs_out_and_ends_as_wi
         loaded["programs"], reads["before"] = 0, True
         clear_caches()
 
-    # Shrinking puts some of the eight images (one bucket as they are) in a smaller bucket: two shapes.
-    settings = dict(total_steps=3, warmup_steps=1, eval_every=100, shrink_to=0.5)
-    no_validation = tmp_path / "empty.json"
-    no_validation.write_text("{}")
-
     def config(run_dir):
-        overrides = tiny_overrides(run_dir, eight_examples, **settings)
-        return L.apply_overrides(L.Config(), {**overrides, "data": {**overrides["data"], "validate_split": no_validation}})
+        return two_shape_config(tmp_path, run_dir, eight_examples, total_steps=3)
 
     monkeypatch.setattr(L, "process_memory", fake_memory)
     monkeypatch.setattr(jax, "clear_caches", counted_clear)
@@ -810,6 +815,54 @@ def test_training_clears_compiled_programs_before_memory_runs_out_and_ends_as_wi
     model = L.LatexOCR(L.network_config_from_metadata(L.read_metadata(straight, 3), straight))
     both = {"params": L.abstract(L.init_params(model, 0))}
     jax.tree.map(np.testing.assert_array_equal, L.restore_items(dropping, 3, both), L.restore_items(straight, 3, both))
+
+
+def test_training_stops_clearing_programs_when_clearing_gives_no_memory_back(tmp_path, monkeypatch, eight_examples):
+    """Where the allocator keeps what dropped programs freed, the system's available memory stays as
+    low after a clear, and clearing at every new shape would only recompile. Faked here: each program
+    grows the process by 300 MB, 2.5 GB stay available whatever happens, and the run clears once."""
+    MB = 2**20
+    loaded, reads, new_shapes = {"programs": 0}, {"before": True}, []
+
+    def fake_memory():  # reads alternate, before a new shape's first step and after it, but for one after a clear
+        if reads.pop("cleared", False):
+            pass
+        elif reads["before"]:
+            new_shapes.append(loaded["programs"])
+            reads["before"] = False
+        else:
+            loaded["programs"] += 1
+            reads["before"] = True
+        return L.ProcessMemory(1000, 10**6, (1 + loaded["programs"]) * 300 * MB, 2560 * MB)
+
+    cleared = []
+
+    def counted_clear():
+        cleared.append(loaded["programs"])
+        loaded["programs"], reads["cleared"] = 0, True
+
+    monkeypatch.setattr(L, "process_memory", fake_memory)
+    monkeypatch.setattr(jax, "clear_caches", counted_clear)
+    run_dir = tmp_path / "run"
+    assert L.train(two_shape_config(tmp_path, run_dir, eight_examples, total_steps=12), progress=False)["step"] == 12
+    assert len(new_shapes) >= 3  # the check ran again after the clear, which kept every later program
+    assert cleared == [1]
+    events = [json.loads(line) for line in (run_dir / "train.log").read_text().splitlines()]
+    [event] = [e for e in events if e["event"] == "programs_cleared"]
+    assert event["available_mb"] == event["available_after_mb"] == 2560 and not event["clearing_pays"]
+
+
+def test_return_freed_memory_shrinks_the_process():
+    """glibc keeps freed small blocks for reuse; malloc_trim hands whole free pages back, which is
+    what lets a clear of compiled programs show in the system's available memory."""
+    if not Path("/proc/self/statm").exists() or not ctypes.util.find_library("c"):
+        pytest.skip("needs Linux's /proc and glibc")
+    blocks = [bytes(8192) for _ in range(20_000)]  # 160 MB in blocks below glibc's mmap threshold
+    del blocks[::2]  # every other block freed: the heap cannot shrink from its top
+    held = L.process_memory().resident
+    L.return_freed_memory()
+    assert held - L.process_memory().resident >= 50 * 2**20
+    del blocks
 
 
 def test_gradient_accumulation_of_a_repeated_batch_equals_one_step(tiny_model, vocab):
