@@ -1687,6 +1687,13 @@ def ink_columns(canvas: np.ndarray) -> int:
     return int(np.count_nonzero(canvas.max(axis=0)))
 
 
+def return_freed_memory() -> None:
+    """Give the system back what the allocator keeps of freed memory (glibc's malloc_trim): XLA frees
+    a decoder's working memory or dropped programs into the heap, where the process keeps it."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 class Predictor:
     """A model with its parameters and vocabulary, and its jitted programs: an encoder per image
     shape and a decoder per batch size, memory length and beam width.
@@ -1769,6 +1776,8 @@ class Predictor:
                 memories = [self.encode(canvases[i][None, ..., None], length) for i in chunk]
                 memories += memories[-1:] * (min(batch_size, 1 << (len(chunk) - 1).bit_length()) - len(chunk))
                 tokens, scores = self.decode_memory(jax.tree.map(lambda *rows: np.concatenate(rows), *memories), beam_width)
+                del memories
+                return_freed_memory()  # 20-50 MB less at the peak of a 21-image call (docs/RESULTS.md)
                 for i, row, score in zip(chunk, tokens, scores):
                     results[i] = (row, float(score))
         return results
@@ -2299,6 +2308,16 @@ def shape_mismatch(stored: dict[str, Any], target: dict[str, Any]) -> str | None
     return None
 
 
+def cast_like(array: jax.Array, target: jax.ShapeDtypeStruct) -> jax.Array:
+    """array in target's dtype. Within one process numpy casts it: JAX would compile a program for
+    each parameter shape, costing a predict process 40 MB and 0.25 s (docs/RESULTS.md)."""
+    if array.dtype == target.dtype:
+        return array
+    if array.is_fully_addressable:
+        return jax.device_put(np.asarray(array).astype(target.dtype), array.sharding)
+    return array.astype(target.dtype)
+
+
 def restore_items(directory: Path, step: int, items: dict[str, Any]) -> dict[str, Any]:
     """Restore each named item into its target's shapes, dtypes and placement. The stored shapes
     are compared first (a failed restore leaves orbax's background reads complaining), and the
@@ -2335,7 +2354,7 @@ def restore_items(directory: Path, step: int, items: dict[str, Any]) -> dict[str
     if "params" in restored and saved_digest and params_digest(restored["params"]) != saved_digest:
         raise UserError(f"checkpoint {where} is damaged: its parameters do not match the checksum saved with them; "
                         "copy it again or use another checkpoint")
-    return {name: jax.tree.map(lambda x, t: x.astype(t.dtype), restored[name], items[name]) for name in items}
+    return {name: jax.tree.map(cast_like, restored[name], items[name]) for name in items}
 
 
 def abstract(tree: Any, sharding: jax.sharding.Sharding | None = None) -> Any:
@@ -2390,6 +2409,7 @@ def load_predictor(path: str, decoding: EvaluationSection = EvaluationSection(),
     """Rebuild model, parameters, vocabulary and image settings from a checkpoint alone, to decode
     as `decoding` says (beam length penalty, the other sizes an image is read at)."""
     model, params, metadata = restore_model(path, LatexOCRConfig, program_dir)
+    return_freed_memory()  # what restoring used beside the parameters
     return Predictor(model, params, Vocabulary(metadata["vocab"]), data_section(metadata["data"]), decoding, program_dir)
 
 
@@ -2525,14 +2545,6 @@ def process_memory() -> ProcessMemory | None:
         return ProcessMemory(mappings, limit, resident, int(meminfo["MemAvailable"].split()[0]) * 1024)
     except (OSError, ValueError, KeyError):
         return None
-
-
-def return_freed_memory() -> None:
-    """Give the system back what the allocator keeps of freed memory (glibc's malloc_trim): after
-    compiled programs are dropped the process would otherwise stay as large, and the system's
-    available memory would never show what dropping them gave."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def room_for_programs(memory: ProcessMemory, costs: Sequence[ProcessMemory], count: int, dropped: int = 0) -> bool:
