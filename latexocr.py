@@ -135,6 +135,10 @@ class TrainingSection:
     # enlarges an image whose glyphs are small (evaluation.size_factors above 1): the model learns to
     # read them blurred at the usual size, with the cells of that size.
     enlarge_back: float = 0.0
+    # Only images shrunk by a factor below this are enlarged back: reading enlarges an image only
+    # when its glyphs measure 6 px or less (ENLARGE_UP_TO_GLYPH), about 0.67 of IM2LATEX-100K's
+    # 9, so a shrunk image above that is read as it is; 1: any shrunk image.
+    enlarge_below: float = 1.0
     seed: int = 0
     eval_every: int = 500
     val_samples: int = 200
@@ -356,6 +360,7 @@ def validate_config(config: Config) -> Config:
         (0 <= training.ema_decay < 1, "training.ema_decay must be in [0, 1) (0: no average)"),
         (0 < training.shrink_to <= 1, "training.shrink_to must be in (0, 1] (1: never shrink)"),
         (0 <= training.enlarge_back <= 1, "training.enlarge_back must be in [0, 1] (0: never enlarge back)"),
+        (0 < training.enlarge_below <= 1, "training.enlarge_below must be in (0, 1] (1: any shrunk image)"),
         (evaluation.batch_size > 0, "evaluation.batch_size must be positive"),
         (evaluation.split in SPLITS, f"evaluation.split must be one of {', '.join(SPLITS)}"),
         (evaluation.primary_metric in METRIC_DIRECTIONS,
@@ -999,12 +1004,14 @@ class TrainBatches(BatchStream):
     """Same-shape image batches of a Dataset, a shuffled epoch at a time, shrunk and augmented
     as `training` asks. Each epoch shrinks a random half of the images (see shrink_factors) and
     batches each image in the bucket of its shrunk size, so a shrunk image costs fewer cells;
-    a share of them (enlarge_back) is enlarged back and batched at its own size."""
+    a share (enlarge_back) of those shrunk below enlarge_below is enlarged back and batched at its
+    own size."""
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int, augment: bool = False, shrink_to: float = 1.0,
-                 enlarge_back: float = 0.0):
+                 enlarge_back: float = 0.0, enlarge_below: float = 1.0):
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
-        self.augment, self.shrink_to, self.enlarge_back = augment, shrink_to, enlarge_back
+        self.augment, self.shrink_to = augment, shrink_to
+        self.enlarge_back, self.enlarge_below = enlarge_back, enlarge_below
         self._heights = np.array([ink.shape[0] for ink in dataset.inks])
         self._epoch_lengths: list[int] = []
         self._plan: tuple[int, Any] = (-1, None)
@@ -1018,8 +1025,8 @@ class TrainBatches(BatchStream):
             if self.shrink_to < 1:
                 factors = shrink_factors(self._heights, np.random.default_rng([self.seed, 3, epoch]),
                                          self.shrink_to, dataset.data)
-                enlarged = (factors < 1) & (np.random.default_rng([self.seed, 4, epoch]).random(len(dataset))
-                                            < self.enlarge_back)
+                enlarged = (factors < self.enlarge_below) & (np.random.default_rng([self.seed, 4, epoch])
+                                                             .random(len(dataset)) < self.enlarge_back)
                 keys = [key if back else choose_bucket(shrunk_shape(ink.shape, factor), dataset.data) + key[2:]
                         for ink, factor, back, key in zip(dataset.inks, factors, enlarged, dataset.keys)]
             batches = dataset.epoch_batches(self.batch_size, self.seed, epoch, keys)
@@ -2815,7 +2822,7 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> dict[s
         params=params,
         make_step=make_ocr_step,
         batches=TrainBatches(train_set, training.batch_size, training.seed, training.augment, training.shrink_to,
-                             training.enlarge_back),
+                             training.enlarge_back, training.enlarge_below),
         validate=validate if val_set is not None else None,
         primary_metric=config.evaluation.primary_metric,
         maximize=METRIC_DIRECTIONS[config.evaluation.primary_metric] == "max",

@@ -60,6 +60,7 @@ def test_set_overrides_are_typed():
     ("evaluation.size_factors=[0.5,1]", "evaluation.size_factors must lie in (0, 8], none of them 1"),
     ("evaluation.size_factors=[-0.5]", "evaluation.size_factors must lie in (0, 8]"),
     ("model.dropout=1", "model.dropout must be in [0, 1)"),
+    ("training.enlarge_below=0", "training.enlarge_below must be in (0, 1]"),
     ("rl.baseline=greedy", "rl.baseline must be 'mean' or 'self_critical'"),
 ])
 def test_bad_config_values_are_named(option, message):
@@ -337,6 +338,15 @@ def test_training_batches_enlarge_back_a_share_of_the_shrunk_images_at_their_own
         expected = L.shrink_ink(dataset.inks[entry], factors[entry], enlarged[entry])
         np.testing.assert_array_equal(image[..., 0], L.place_in_bucket(expected, keys[entry][:2], data.margin))
     assert not L.TrainBatches(dataset, 8, 0, shrink_to=0.5, enlarge_back=0.0).epoch_plan(0)[2].any()
+    # With enlarge_below, only the images shrunk below it are enlarged back, each of them at share 1.
+    _, same_factors, enlarged, keys = L.TrainBatches(dataset, 8, 0, shrink_to=0.5, enlarge_back=1.0,
+                                                     enlarge_below=0.7).epoch_plan(0)
+    np.testing.assert_array_equal(same_factors, factors)
+    assert (factors < 0.7).any() and ((0.7 <= factors) & (factors < 1)).any()
+    np.testing.assert_array_equal(enlarged, factors < 0.7)
+    for entry in np.flatnonzero((0.7 <= factors) & (factors < 1)):  # seen small, in their shrunk size's bucket
+        shrunk = L.shrunk_shape(dataset.inks[entry].shape, factors[entry])
+        assert keys[entry] == L.choose_bucket(shrunk, data) + dataset.keys[entry][2:]
 
 
 # --- data ---------------------------------------------------------------------------------------
