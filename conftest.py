@@ -1,14 +1,21 @@
 """Fixtures and helpers shared by test_latexocr.py and test_latexocr_tools.py."""
 
+import atexit
 import dataclasses
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
-os.environ.setdefault("LATEXOCR_CACHE_DIR", "")  # tests compile with optimizations off; do not cache those
+# Tests compile with optimizations off and the same tiny programs again and again: they share a
+# compile cache of their own (in this process and the commands they start), never the user's.
+TEST_CACHE = tempfile.mkdtemp(prefix="latexocr-test-cache-")
+atexit.register(shutil.rmtree, TEST_CACHE, ignore_errors=True)
+os.environ["LATEXOCR_CACHE_DIR"] = TEST_CACHE
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +26,7 @@ from PIL import Image
 import latexocr as L
 
 jax.config.update("jax_disable_most_optimizations", True)
+L.enable_compilation_cache()
 
 ROOT = Path(__file__).resolve().parent
 DATA = ROOT / "data"
