@@ -50,7 +50,7 @@ from PIL import Image, ImageFilter, UnidentifiedImageError
 from scipy import ndimage
 
 # optax, orbax, nltk, tqdm and yaml are imported where they are used: `predict` on a loaded
-# checkpoint needs none but orbax, and each costs a new process 0.1-0.3 s.
+# checkpoint needs none but orbax, and each import lengthens a new process's start.
 if TYPE_CHECKING:
     import optax
 
@@ -629,16 +629,17 @@ def ink_crop(image: Image.Image, name: str = "image") -> np.ndarray:
 
 
 def resize_ink(ink: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Lanczos keeps small glyphs' strokes sharper than bilinear did: +5.3 BLEU on test images read
-    at half size (docs/RESULTS.md, Image size)."""
+    """The ink at height x width, by Lanczos: it keeps small glyphs' strokes sharper than bilinear
+    (docs/RESULTS.md, Image size)."""
     if ink.shape == (height, width):
         return ink
     return np.asarray(Image.fromarray(ink).resize((max(width, 1), max(height, 1)), Image.LANCZOS))
 
 
 # Glyphs up to this factor above data.glyph_height are left alone: the model reads IM2LATEX-100K
-# at its own sizes best (bringing every image more than 15 % off 9 px to 9 px cost 6.5 BLEU at
-# 1x). Small glyphs are left alone too: enlarging a downsampled image made it read worse.
+# at its own sizes best, and they vary (bringing every image to exactly 9 px read worse at 1x).
+# Small glyphs are left alone too: many are real small print, which reads worse enlarged; an
+# image whose glyphs measure small is also read enlarged (size_variants) and the better kept.
 GLYPH_TOLERANCE = 1.3
 
 
@@ -1786,7 +1787,7 @@ class Predictor:
                 memories += memories[-1:] * (min(batch_size, 1 << (len(chunk) - 1).bit_length()) - len(chunk))
                 tokens, scores = self.decode_memory(jax.tree.map(lambda *rows: np.concatenate(rows), *memories), beam_width)
                 del memories
-                return_freed_memory()  # 20-50 MB less at the peak of a 21-image call (docs/RESULTS.md)
+                return_freed_memory()  # else the next batch's peak stacks on this one's freed memory
                 for i, row, score in zip(chunk, tokens, scores):
                     results[i] = (row, float(score))
         return results
@@ -2319,7 +2320,7 @@ def shape_mismatch(stored: dict[str, Any], target: dict[str, Any]) -> str | None
 
 def cast_like(array: jax.Array, target: jax.ShapeDtypeStruct) -> jax.Array:
     """array in target's dtype. Within one process numpy casts it: JAX would compile a program for
-    each parameter shape, costing a predict process 40 MB and 0.25 s (docs/RESULTS.md)."""
+    each parameter shape, costing a predict process memory and time (docs/RESULTS.md)."""
     if array.dtype == target.dtype:
         return array
     if array.is_fully_addressable:
