@@ -2570,6 +2570,41 @@ def room_for_programs(memory: ProcessMemory, costs: Sequence[ProcessMemory], cou
             and (count - dropped) * resident + working <= memory.available)
 
 
+class LoadedPrograms:
+    """The training loop's compiled programs, one per batch shape, and what each cost the process
+    on its first run: before a new shape compiles, whether dropping them all makes room."""
+
+    def __init__(self):
+        self.shapes: set[tuple] = set()
+        self.costs: list[ProcessMemory] = []
+        self.clearing_pays = True  # where dropping gives nothing back, clearing again only recompiles
+        self.regrowing = False  # the first run after a clear takes back the working memory it freed
+
+    def must_clear(self, memory: ProcessMemory) -> bool:
+        return (self.clearing_pays and not room_for_programs(memory, self.costs, 2)
+                and room_for_programs(memory, self.costs, 2, dropped=len(self.shapes)))
+
+    def cleared(self, before: ProcessMemory, after: ProcessMemory) -> dict[str, Any]:
+        """Forget the dropped programs; what the clear did, for the run's log."""
+        self.clearing_pays = room_for_programs(after, self.costs, 2)
+        event = dict(programs=len(self.shapes), mappings=before.mappings, available_mb=before.available // 2**20,
+                     available_after_mb=after.available // 2**20, clearing_pays=self.clearing_pays,
+                     largest_first_run_mb=max(cost.resident for cost in self.costs) // 2**20)
+        self.shapes.clear()
+        self.regrowing = True
+        return event
+
+    def compiled(self, shape: tuple, before: ProcessMemory, after: ProcessMemory) -> None:
+        """A new shape's first run grew the process from `before` to `after`. Right after a clear
+        that growth is the working memory coming back, not the program: counted as its cost, it
+        left too little room for the next program, so a run cleared again within steps (seen in training)."""
+        self.shapes.add(shape)
+        if not self.regrowing:
+            self.costs.append(ProcessMemory(max(after.mappings - before.mappings, 0), 0,
+                                            max(after.resident - before.resident, 0), 0))
+        self.regrowing = False
+
+
 @contextlib.contextmanager
 def stop_requests() -> Iterator[threading.Event]:
     """Ctrl-C (SIGINT) or SIGTERM sets the event, so the training loop stops after its current
@@ -2686,38 +2721,27 @@ def run_training(trainee: Trainee, config: Config, run_dir: Path, resume: bool, 
     bar = tqdm(total=total_micro_steps, initial=step, disable=not progress or not log.writes, dynamic_ncols=True)
     prefetch = concurrent.futures.ThreadPoolExecutor(1)
     stream = trainee.batches.iterate(step, prefetch)
-    shapes_compiled: set[tuple] = set()
-    program_costs: list[ProcessMemory] = []
-    clearing_pays = True
+    programs = LoadedPrograms()
     try:
         with stop_requests() as stop:
             while step < total_micro_steps and time.monotonic() < deadline and not stop.is_set():
                 local_batch = next(stream)
                 shape = tuple(x.shape for x in jax.tree.leaves(local_batch))
-                before = process_memory() if shape not in shapes_compiled else None
-                if (before and clearing_pays and not room_for_programs(before, program_costs, 2)
-                        and room_for_programs(before, program_costs, 2, dropped=len(shapes_compiled))):
+                before = process_memory() if shape not in programs.shapes else None
+                if before and programs.must_clear(before):
                     # Programs of the shapes in use load again from the compilation cache, in seconds.
                     jax.clear_caches()
                     return_freed_memory()
                     cleared = process_memory() or before
-                    # Where dropping gives nothing back, clearing again would only cost recompiles.
-                    clearing_pays = room_for_programs(cleared, program_costs, 2)
-                    log.write("programs_cleared", console=False, step=step, programs=len(shapes_compiled),
-                              mappings=before.mappings, available_mb=before.available // 2**20,
-                              available_after_mb=cleared.available // 2**20, clearing_pays=clearing_pays)
-                    shapes_compiled.clear()
+                    log.write("programs_cleared", console=False, step=step, **programs.cleared(before, cleared))
                     before = cleared
                 batch = to_global(local_batch, rows)
                 key = to_global(jax.random.fold_in(base_key, step), replicated)
                 lr = np.float32(learning_rate(training, step // training.grad_accum_steps))
                 params, opt_state, metrics = train_step(params, opt_state, batch, key, lr)
                 if before:
-                    shapes_compiled.add(shape)
                     jax.block_until_ready(metrics)  # a program keeps much of what its first run allocates
-                    after = process_memory() or before
-                    program_costs.append(ProcessMemory(max(after.mappings - before.mappings, 0), 0,
-                                                       max(after.resident - before.resident, 0), 0))
+                    programs.compiled(shape, before, process_memory() or before)
                 step += 1
                 if ema is not None and step % training.grad_accum_steps == 0:
                     ema = update_average(ema, params)

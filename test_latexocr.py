@@ -778,6 +778,31 @@ def test_room_for_programs_at_their_median_cost_keeping_the_largest_first_run_fr
     assert L.room_for_programs(crowded, costs, 2, dropped=1)
 
 
+def test_the_first_run_after_a_clear_is_not_counted_as_a_program_cost():
+    """Seen in training: a clear handed 14 GB back to the system and the next step's first run took
+    most of it back at once. Counted as that program's cost, that growth became the working memory
+    to keep free, and the run cleared again 60 steps later with 26 programs loaded and 14 GB free."""
+    MB, GB = 2**20, 2**30
+    memory = lambda resident, available: L.ProcessMemory(5000, 262_144, resident, available)  # noqa: E731
+    programs = L.LoadedPrograms()
+    programs.compiled("first", memory(2 * GB, 20 * GB), memory(3 * GB, 19 * GB))  # 1 GB: params and working
+    for shape in ("a", "b"):
+        programs.compiled(shape, memory(3 * GB, 19 * GB), memory(3 * GB + 250 * MB, 19 * GB - 250 * MB))
+    tight = memory(20 * GB, int(2.3 * GB))  # 2 x 250 MB + 2 GiB free wanted; dropping three gives it
+    assert programs.must_clear(tight)
+    event = programs.cleared(tight, memory(6 * GB, 16 * GB))
+    assert event["programs"] == 3 and event["clearing_pays"] and not programs.shapes
+    regrown = memory(18 * GB, 4 * GB)
+    programs.compiled("c", memory(6 * GB, 16 * GB), regrown)  # 12 GB more after its first run
+    for shape in ("d", "e", "f", "g"):
+        programs.compiled(shape, regrown, memory(18 * GB + 250 * MB, 4 * GB - 250 * MB))
+    assert [cost.resident for cost in programs.costs] == [GB] + [250 * MB] * 6
+    later = memory(11 * GB, int(12.2 * GB))  # the regrowth was handed back again by now
+    assert not programs.must_clear(later)
+    counted = programs.costs + [L.ProcessMemory(0, 0, 12 * GB, 0)]
+    assert not L.room_for_programs(later, counted, 2) and L.room_for_programs(later, counted, 2, dropped=5)
+
+
 def two_shape_config(tmp_path, run_dir, examples, total_steps):
     """A tiny run without validation whose batches come in two shapes: shrinking puts some of the
     eight images (one bucket as they are) in a smaller bucket."""
