@@ -40,10 +40,12 @@ $TOOLS combine "$W/all" $OLD $WIKI $EXCLUDE $HOLDOUT
 # mix4: the IM2LATEX pairs twice, and every combined pair of 20+ tokens once more.
 python - "$D/all/train.json" "$W/all/train.json" "$OUT/mix4/train.json" <<'PY'
 import json, sys
+from pathlib import Path
+import latexocr as L
 old, pairs = (json.load(open(path)) for path in sys.argv[1:3])
 mix = {f"{key}#{copy}": entry for copy in (1, 2) for key, entry in old.items()}
 mix.update({key: entry for key, entry in pairs.items() if len(entry["caption"].split()) >= 20})
-json.dump(mix, open(sys.argv[3], "w"))
+L.write_json_atomic(Path(sys.argv[3]), mix)  # never a half-written split file
 print(f"{sys.argv[3]}: {len(mix)} pairs")
 PY
 cp "$W/all/validate.json" "$OUT/mix4/validate.json"
