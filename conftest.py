@@ -88,6 +88,38 @@ def overfit_run(tmp_path_factory, eight_examples):
 
 
 @pytest.fixture(scope="session")
+def bad_files(tmp_path_factory):
+    """Broken images, split, vocabulary and config files for the error-path tests."""
+    folder = tmp_path_factory.mktemp("bad")
+    (folder / "text.png").write_text("not an image")
+    (folder / "zero.png").write_bytes(b"")
+    good = (DATA / "images" / "1015942522.png").read_bytes()
+    (folder / "truncated.png").write_bytes(good[: len(good) // 2])
+    Image.new("L", (120, 40), 255).save(folder / "blank.png")
+    (folder / "broken.json").write_text("{not json")
+    (folder / "list.json").write_text("[1, 2]")
+    (folder / "unknown_key.yaml").write_text("training:\n  learning_rate: 0.1\n")
+    shuffled = json.loads((DATA / "vocab.json").read_text())
+    shuffled["x"], shuffled["y"] = shuffled["y"], shuffled["x"]
+    (folder / "vocab.json").write_text(json.dumps(shuffled))
+    return folder
+
+
+@pytest.fixture
+def one_error_line(bad_files, overfit_run, capsys):
+    """check(argv, message): the command (argv's {bad}, {run} and {data} filled in) exits non-zero
+    with one `latexocr: error:` line holding message, and no traceback."""
+    def check(argv, message):
+        argv = [a.format(bad=bad_files, run=overfit_run[0], data=DATA) for a in argv]
+        code, _, err = run_main(argv, capsys)
+        assert code != 0
+        assert "Traceback" not in err
+        errors = [line for line in err.splitlines() if line.startswith("latexocr: error:")]
+        assert len(errors) == 1 and message in errors[0], err
+    return check
+
+
+@pytest.fixture(scope="session")
 def tiny_model(vocab):
     cfg = L.latexocr_config(L.load_config(None, ["model.size=tiny"]), len(vocab))
     model = L.LatexOCR(cfg)
