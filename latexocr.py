@@ -2557,48 +2557,63 @@ def process_memory() -> ProcessMemory | None:
         return None
 
 
-def room_for_programs(memory: ProcessMemory, costs: Sequence[ProcessMemory], count: int, dropped: int = 0) -> bool:
+def working_memory(step, *args) -> int:
+    """The bytes of working memory XLA plans for `step`'s program at these arguments, compiling it
+    as its first call would (that call then reuses it); 0 where XLA does not say or `step` is not
+    one jitted function. The largest bucket's step plans many times a typical one's (docs/RESULTS.md)."""
+    lower = getattr(step, "lower", None)
+    analysis = lower(*args).compile().memory_analysis() if lower else None
+    return int(getattr(analysis, "temp_size_in_bytes", 0) or 0)
+
+
+def room_for_programs(memory: ProcessMemory, costs: Sequence[ProcessMemory], count: int, dropped: int = 0,
+                      working: int = 0) -> bool:
     """Whether `count` more compiled programs fit once `dropped` of those loaded are dropped, at the
     median of the costs measured (each program's growth of this process over its first run): in
     memory mappings (past the limit compiling aborts the process) and in memory, keeping free the
-    most a first run grew (at least 2 GiB), which is working memory the next step may need again."""
-    if not costs:
+    most a first run grew or `working` (at least 2 GiB), the working memory a step may need."""
+    if not costs and not working:
         return True
-    mappings, resident = (sorted(getattr(cost, name) for cost in costs)[len(costs) // 2] for name in ("mappings", "resident"))
-    working = max(2 * 2**30, max(cost.resident for cost in costs))
+    mappings, resident = (sorted(getattr(cost, name) for cost in costs)[len(costs) // 2] if costs else 0
+                          for name in ("mappings", "resident"))
+    working = max(2 * 2**30, working, *(cost.resident for cost in costs))
     return (memory.mappings + (count - dropped) * mappings <= memory.mapping_limit
             and (count - dropped) * resident + working <= memory.available)
 
 
 class LoadedPrograms:
     """The training loop's compiled programs, one per batch shape, and what each cost the process
-    on its first run: before a new shape compiles, whether dropping them all makes room."""
+    on its first run: before a new shape runs, whether dropping them all makes room."""
 
     def __init__(self):
-        self.shapes: set[tuple] = set()
+        self.shapes: dict[tuple, int] = {}  # loaded batch shapes -> their programs' working memory
         self.costs: list[ProcessMemory] = []
         self.clearing_pays = True  # where dropping gives nothing back, clearing again only recompiles
         self.regrowing = False  # the first run after a clear takes back the working memory it freed
 
-    def must_clear(self, memory: ProcessMemory) -> bool:
-        return (self.clearing_pays and not room_for_programs(memory, self.costs, 2)
-                and room_for_programs(memory, self.costs, 2, dropped=len(self.shapes)))
+    def must_clear(self, memory: ProcessMemory, working: int = 0) -> bool:
+        """Whether to drop every loaded program before a new shape whose program needs `working`
+        bytes of working memory runs (each loaded one needs its own whenever its shape comes again)."""
+        in_use = max(working, *self.shapes.values(), 0)
+        return (self.clearing_pays and not room_for_programs(memory, self.costs, 2, working=in_use)
+                and room_for_programs(memory, self.costs, 2, dropped=len(self.shapes), working=working))
 
     def cleared(self, before: ProcessMemory, after: ProcessMemory) -> dict[str, Any]:
         """Forget the dropped programs; what the clear did, for the run's log."""
         self.clearing_pays = room_for_programs(after, self.costs, 2)
         event = dict(programs=len(self.shapes), mappings=before.mappings, available_mb=before.available // 2**20,
                      available_after_mb=after.available // 2**20, clearing_pays=self.clearing_pays,
-                     largest_first_run_mb=max(cost.resident for cost in self.costs) // 2**20)
+                     largest_first_run_mb=max((cost.resident for cost in self.costs), default=0) // 2**20,
+                     largest_working_mb=max(self.shapes.values(), default=0) // 2**20)
         self.shapes.clear()
         self.regrowing = True
         return event
 
-    def compiled(self, shape: tuple, before: ProcessMemory, after: ProcessMemory) -> None:
+    def compiled(self, shape: tuple, before: ProcessMemory, after: ProcessMemory, working: int = 0) -> None:
         """A new shape's first run grew the process from `before` to `after`. Right after a clear
         that growth is the working memory coming back, not the program: counted as its cost, it
         left too little room for the next program, so a run cleared again within steps (seen in training)."""
-        self.shapes.add(shape)
+        self.shapes[shape] = working
         if not self.regrowing:
             self.costs.append(ProcessMemory(max(after.mappings - before.mappings, 0), 0,
                                             max(after.resident - before.resident, 0), 0))
@@ -2727,21 +2742,28 @@ def run_training(trainee: Trainee, config: Config, run_dir: Path, resume: bool, 
             while step < total_micro_steps and time.monotonic() < deadline and not stop.is_set():
                 local_batch = next(stream)
                 shape = tuple(x.shape for x in jax.tree.leaves(local_batch))
+                batch = to_global(local_batch, rows)
+                key = to_global(jax.random.fold_in(base_key, step), replicated)
+                lr = np.float32(learning_rate(training, step // training.grad_accum_steps))
                 before = process_memory() if shape not in programs.shapes else None
-                if before and programs.must_clear(before):
+                working = working_memory(train_step, params, opt_state, batch, key, lr) if before else 0
+                if before and programs.must_clear(before, working):
                     # Programs of the shapes in use load again from the compilation cache, in seconds.
                     jax.clear_caches()
                     return_freed_memory()
                     cleared = process_memory() or before
                     log.write("programs_cleared", console=False, step=step, **programs.cleared(before, cleared))
                     before = cleared
-                batch = to_global(local_batch, rows)
-                key = to_global(jax.random.fold_in(base_key, step), replicated)
-                lr = np.float32(learning_rate(training, step // training.grad_accum_steps))
+                if before and working > before.available:
+                    sizes = " and ".join("x".join(map(str, leaf)) for leaf in shape)
+                    raise UserError(f"a training batch of {sizes} needs {working / 2**30:.1f} GB of working memory and "
+                                    f"{before.available / 2**30:.1f} GB are available; lower training.batch_size or leave "
+                                    "the largest data.bucket_heights, bucket_widths or sequence_buckets out (--resume "
+                                    f"then continues from the last checkpoint in {run_dir})")
                 params, opt_state, metrics = train_step(params, opt_state, batch, key, lr)
                 if before:
                     jax.block_until_ready(metrics)  # a program keeps much of what its first run allocates
-                    programs.compiled(shape, before, process_memory() or before)
+                    programs.compiled(shape, before, process_memory() or before, working)
                 step += 1
                 if ema is not None and step % training.grad_accum_steps == 0:
                     ema = update_average(ema, params)

@@ -939,6 +939,36 @@ def test_the_first_run_after_a_clear_is_not_counted_as_a_program_cost():
     assert not L.room_for_programs(later, counted, 2) and L.room_for_programs(later, counted, 2, dropped=5)
 
 
+def test_a_new_shape_whose_program_needs_more_working_memory_than_is_free_clears_first():
+    """Seen in training: a batch of the largest bucket planned 14 GB of working memory, far more than
+    any first run had grown the process, and with 12 GB in loaded programs the system killed the run."""
+    MB, GB = 2**20, 2**30
+    memory = lambda resident, available: L.ProcessMemory(50_000, 262_144, resident, available)  # noqa: E731
+    programs = L.LoadedPrograms()
+    for shape in range(40):
+        programs.compiled(shape, memory(3 * GB, 20 * GB), memory(3 * GB + 300 * MB, 20 * GB - 300 * MB), GB)
+    now = memory(15 * GB, 9 * GB)
+    assert not programs.must_clear(now, GB)  # 2 x 300 MB + 2 GiB kept free fit in 9 GB
+    assert programs.must_clear(now, 14 * GB)  # 14 GB do not; dropping the 40 programs (12 GB) makes room
+    programs.compiled("largest", now, now, 14 * GB)
+    assert programs.must_clear(now, GB)  # the largest shape needs its 14 GB again whenever it comes
+    assert programs.cleared(now, memory(3 * GB, 21 * GB))["largest_working_mb"] == 14 * 1024
+    assert not programs.must_clear(memory(3 * GB, 21 * GB), 14 * GB)
+
+
+def test_working_memory_is_what_xla_plans_for_a_step_and_grows_with_the_batch_shape(tiny_model):
+    model, params = tiny_model
+    optimizer = L.make_optimizer(L.TrainingSection())
+    step = L.make_train_step(model, optimizer, 0.0, 0.5)
+
+    def planned(height, width, length):
+        batch = {"images": jnp.zeros((8, height, width, 1)), "tokens": jnp.ones((8, length), jnp.int32)}
+        return L.working_memory(step, params, optimizer.init(params), batch, jax.random.PRNGKey(0), np.float32(1e-3))
+
+    assert 0 < planned(32, 256, 48) < planned(64, 512, 96)
+    assert L.working_memory(lambda *args: None, params) == 0  # not one jitted function: XLA is not asked
+
+
 def two_shape_config(tmp_path, run_dir, examples, total_steps):
     """A tiny run without validation whose batches come in two shapes: shrinking puts some of the
     eight images (one bucket as they are) in a smaller bucket."""
@@ -1021,6 +1051,19 @@ def test_training_stops_clearing_programs_when_clearing_gives_no_memory_back(tmp
     events = [json.loads(line) for line in (run_dir / "train.log").read_text().splitlines()]
     [event] = [e for e in events if e["event"] == "programs_cleared"]
     assert event["available_mb"] == event["available_after_mb"] == 2560 and not event["clearing_pays"]
+
+
+def test_training_stops_in_one_line_before_a_batch_that_needs_more_memory_than_there_is(tmp_path, monkeypatch,
+                                                                                      eight_examples):
+    GB = 2**30
+    monkeypatch.setattr(L, "process_memory", lambda: L.ProcessMemory(1000, 10**6, GB, 4 * GB))
+    monkeypatch.setattr(L, "working_memory", lambda step, *args: 6 * GB)
+    run_dir = tmp_path / "run"
+    with pytest.raises(L.UserError) as error:
+        L.train(two_shape_config(tmp_path, run_dir, eight_examples, total_steps=2), progress=False)
+    message = str(error.value)
+    assert "needs 6.0 GB of working memory and 4.0 GB are available" in message and "\n" not in message
+    assert "training.batch_size" in message and str(run_dir) in message
 
 
 def test_return_freed_memory_shrinks_the_process():
