@@ -2559,9 +2559,10 @@ def process_memory() -> ProcessMemory | None:
 
 def working_memory(step, *args) -> int:
     """The bytes of working memory XLA plans for `step`'s program at these arguments, compiling it
-    as its first call would (that call then reuses it); 0 where XLA does not say or `step` is not
-    one jitted function. The largest bucket's step plans many times a typical one's (docs/RESULTS.md)."""
-    lower = getattr(step, "lower", None)
+    as its first call would (that call then reuses it); 0 where XLA does not say, `step` is not one
+    jitted function, or it runs on an accelerator (whose memory is not the process's). The largest
+    bucket's step plans many times a typical one's (docs/RESULTS.md)."""
+    lower = getattr(step, "lower", None) if jax.default_backend() == "cpu" else None
     analysis = lower(*args).compile().memory_analysis() if lower else None
     return int(getattr(analysis, "temp_size_in_bytes", 0) or 0)
 
