@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import signal
 import sys
 import threading
@@ -3200,7 +3201,16 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> 
         return 130
 
 
+# Commands of latexocr_tools.py, which an older version of this module ran itself.
+TOOL_COMMANDS = ("prepare", "combine", "normalize", "render", "export", "attention", "serve", "bench")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in TOOL_COMMANDS:
+        print(f"latexocr: error: {argv[0]} is a command of latexocr_tools.py: "
+              f"python latexocr_tools.py {shlex.join(argv)}", file=sys.stderr)
+        return 2
     return run_command(build_parser(), argv)
 
 

@@ -1441,6 +1441,8 @@ def test_the_shipped_default_model_reads_the_image():
 @pytest.mark.parametrize("argv, message", [
     (["eval", "--image-scale", "0"], "--image-scale must be in (0, 8]"),
     (["eval", "--checkpoint", "{run}", "--sample", "0"], "--sample must be at least 1"),
+    (["serve", "--port", "8001"], "serve is a command of latexocr_tools.py: python latexocr_tools.py serve --port 8001"),
+    (["render", "my formulas.txt", "out"], "python latexocr_tools.py render 'my formulas.txt' out"),
 ])
 def test_bad_command_options_give_one_clear_line(argv, message, one_error_line):
     one_error_line(argv, message)

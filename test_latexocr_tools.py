@@ -25,6 +25,14 @@ def run_tools(argv, capsys):
     return code, out, err
 
 
+def test_the_core_names_every_tools_command_and_only_those():
+    """`python latexocr.py serve ...` (as older versions ran it) points to latexocr_tools.py; the
+    core keeps the list of the tools' commands, which must be theirs exactly."""
+    commands = T.build_parser()._subparsers._group_actions[0].choices
+    assert sorted(L.TOOL_COMMANDS) == sorted(commands)
+    assert not set(L.TOOL_COMMANDS) & set(L.build_parser()._subparsers._group_actions[0].choices)
+
+
 # --- prepare ------------------------------------------------------------------------------------
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/data/im2latex100k")
