@@ -522,9 +522,7 @@ def test_train_logs_what_it_skipped(bad_split_run):
 
 def test_blockwise_attention_gives_the_same_values_and_gradients_as_attention_at_once():
     """Training's blockwise self-attention (queries padded to whole blocks) against the weights
-    computed at once, with a key mask as the feature extractor's; the training step's own check,
-    the `small` model at 128 x 640 px: the same loss and gradient norm, XLA's plan 2.62 GiB
-    against 5.03 (docs/RESULTS.md, Speed)."""
+    computed at once, with a key mask as the feature extractor's (its memory: docs/RESULTS.md, Speed)."""
     q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, 10, 3, 4)) for i in range(3))
     keys = (jnp.arange(10) < 8)[None, None, None, :]
 

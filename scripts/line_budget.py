@@ -9,6 +9,8 @@ after each included, as deleting them would remove).
 import ast
 import sys
 
+KINDS = ("code", "docstring", "comment", "blank")
+
 
 def line_kinds(source: str) -> dict[int, str]:
     lines = source.splitlines()
@@ -46,12 +48,11 @@ def main(path: str, names: list[str]) -> None:
     for number, text in enumerate(source.splitlines(), 1):
         if text.startswith("# --- "):
             section = text.strip("# -")
-        counts = sections.setdefault(section, {"code": 0, "docstring": 0, "comment": 0, "blank": 0})
-        counts[kinds[number]] += 1
-    print(f"{'section':<28}{'lines':>7}{'code':>7}{'docstring':>11}{'comment':>9}{'blank':>7}")
-    for name, counts in [*sections.items(), ("all", {k: sum(c[k] for c in sections.values()) for k in counts})]:
-        print(f"{name:<28}{sum(counts.values()):>7}" + "".join(f"{counts[k]:>{w}}" for k, w in
-                                                              (("code", 7), ("docstring", 11), ("comment", 9), ("blank", 7))))
+        sections.setdefault(section, dict.fromkeys(KINDS, 0))[kinds[number]] += 1
+    sections["all"] = {kind: sum(counts[kind] for counts in sections.values()) for kind in KINDS}
+    print(f"{'section':<28}{'lines':>7}" + "".join(f"{kind:>11}" for kind in KINDS))
+    for name, counts in sections.items():
+        print(f"{name:<28}{sum(counts.values()):>7}" + "".join(f"{counts[kind]:>11}" for kind in KINDS))
     if names:
         print(f"top-level definitions {' '.join(names)}: {definition_lines(source, set(names))} lines")
 
