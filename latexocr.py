@@ -751,13 +751,18 @@ def augment_ink(ink: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
-def shrink_factors(heights: np.ndarray, rng: np.random.Generator, smallest: float, data: DataSection) -> np.ndarray:
-    """Per ink crop of the given heights, the factor it is shrunk by: for a random half of them a
-    random factor in [smallest, 1], no lower than preprocessing would leave them
-    (data.min_ink_height); 1 for the rest."""
+def shrink_plan(heights: np.ndarray, rng: np.random.Generator, smallest: float, enlarge_back: float,
+                enlarge_below: float, data: DataSection) -> tuple[np.ndarray, np.ndarray]:
+    """Per ink crop of the given heights, the factor it is shrunk by and whether it is then
+    enlarged back: a random half is shrunk by a random factor in [smallest, 1], and a share
+    (enlarge_back) of those shrunk below enlarge_below is enlarged back. One seen small is shrunk
+    no lower than preprocessing leaves images (data.min_ink_height); one enlarged back may go
+    lower, as a short formula's screenshot at half size does before reading enlarges it."""
     count = len(heights)
     factors = np.where(rng.random(count) < 0.5, rng.uniform(smallest, 1.0, count), 1.0)
-    return np.maximum(factors, np.minimum(1.0, data.min_ink_height / np.asarray(heights, np.float64)))
+    enlarged = (factors < enlarge_below) & (rng.random(count) < enlarge_back)
+    floor = np.minimum(1.0, data.min_ink_height / np.asarray(heights, np.float64))
+    return np.where(enlarged, factors, np.maximum(factors, floor)), enlarged
 
 
 def shrunk_shape(shape: tuple[int, int], factor: float) -> tuple[int, int]:
@@ -1004,7 +1009,7 @@ class BatchStream:
 
 class TrainBatches(BatchStream):
     """Same-shape image batches of a Dataset, a shuffled epoch at a time, shrunk and augmented
-    as `training` asks. Each epoch shrinks a random half of the images (see shrink_factors) and
+    as `training` asks. Each epoch shrinks a random half of the images (see shrink_plan) and
     batches each image in the bucket of its shrunk size, so a shrunk image costs fewer cells;
     a share (enlarge_back) of those shrunk below enlarge_below is enlarged back and batched at its
     own size."""
@@ -1025,10 +1030,8 @@ class TrainBatches(BatchStream):
             dataset = self.dataset
             factors, enlarged, keys = np.ones(len(dataset)), np.zeros(len(dataset), bool), dataset.keys
             if self.shrink_to < 1:
-                factors = shrink_factors(self._heights, np.random.default_rng([self.seed, 3, epoch]),
-                                         self.shrink_to, dataset.data)
-                enlarged = (factors < self.enlarge_below) & (np.random.default_rng([self.seed, 4, epoch])
-                                                             .random(len(dataset)) < self.enlarge_back)
+                factors, enlarged = shrink_plan(self._heights, np.random.default_rng([self.seed, 3, epoch]),
+                                                self.shrink_to, self.enlarge_back, self.enlarge_below, dataset.data)
                 keys = [key if back else choose_bucket(shrunk_shape(ink.shape, factor), dataset.data) + key[2:]
                         for ink, factor, back, key in zip(dataset.inks, factors, enlarged, dataset.keys)]
             batches = dataset.epoch_batches(self.batch_size, self.seed, epoch, keys)
