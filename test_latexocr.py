@@ -3,6 +3,7 @@
 import collections
 import ctypes.util
 import dataclasses
+import importlib.util
 import io
 import json
 import math
@@ -706,6 +707,23 @@ def test_bleu_hand_worked():
     # n-gram precisions 4/5, 3/4, 2/3, 1/2, brevity penalty 1: (0.2) ** (1/4) = 0.66874
     assert L.bleu4([["a", "b", "c", "d", "e"]], [["a", "b", "c", "d", "f"]]) == pytest.approx(66.874, abs=1e-3)
     assert L.bleu4([["a", "b", "c", "d"]], [["a", "b", "c", "d"]]) == pytest.approx(100.0)
+
+
+def test_error_kinds_sorts_answers_by_what_separates_them(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("error_kinds", Path(__file__).parent / "scripts" / "error_kinds.py")
+    kinds = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kinds)
+    reference = "x = { a + b } \\, .".split()
+    cases = [("x = { a + b } \\, .", "exact"), ("x = { a + b } .", "spacing only"),
+             ("x = a + b \\, .", "braces only"), ("x = a + b .", "spacing and braces only"),
+             ("x = { a - b } \\, .", "one other token"), ("y = { a - b } \\, .", "two other tokens"),
+             ("y = a - c", "more")]
+    for prediction, kind in cases:
+        assert kinds.error_kind(reference, prediction.split()) == kind, prediction
+    rows = [{"reference": " ".join(reference), "prediction": p} for p, _ in cases + cases[:1]]
+    (tmp_path / "predictions.json").write_text(json.dumps({"predictions": rows}))
+    kinds.main(str(tmp_path / "predictions.json"))
+    assert "exact                          2  25.00 %" in capsys.readouterr().out
 
 
 token_lists = st.lists(st.lists(st.sampled_from(["x", "y", "{", "}", "^", "2", "\\frac"]), max_size=12),
