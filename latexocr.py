@@ -129,9 +129,11 @@ class TrainingSection:
     ctc_weight: float = 0.5
     bf16: bool = False
     augment: bool = True
-    # Half the training images are shrunk by a random factor down to this (bicubic, as a screenshot
-    # at a lower zoom), so the model also meets glyphs smaller than IM2LATEX-100K's; 1: never.
+    # A share (shrink_share) of the training images is shrunk by a random factor down to this
+    # (bicubic, as a screenshot at a lower zoom), so the model also meets glyphs smaller than
+    # IM2LATEX-100K's; 1: never.
     shrink_to: float = 1.0
+    shrink_share: float = 0.5
     # The share of the shrunk images then enlarged back to their size (resize_ink), as predict
     # enlarges an image whose glyphs are small (evaluation.size_factors above 1): the model learns to
     # read them blurred at the usual size, with the cells of that size.
@@ -360,6 +362,7 @@ def validate_config(config: Config) -> Config:
         (training.keep_checkpoints > 0, "training.keep_checkpoints must be positive"),
         (0 <= training.ema_decay < 1, "training.ema_decay must be in [0, 1) (0: no average)"),
         (0 < training.shrink_to <= 1, "training.shrink_to must be in (0, 1] (1: never shrink)"),
+        (0 < training.shrink_share <= 1, "training.shrink_share must be in (0, 1]"),
         (0 <= training.enlarge_back <= 1, "training.enlarge_back must be in [0, 1] (0: never enlarge back)"),
         (0 < training.enlarge_below <= 1, "training.enlarge_below must be in (0, 1] (1: any shrunk image)"),
         (evaluation.batch_size > 0, "evaluation.batch_size must be positive"),
@@ -751,15 +754,15 @@ def augment_ink(ink: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
-def shrink_plan(heights: np.ndarray, rng: np.random.Generator, smallest: float, enlarge_back: float,
+def shrink_plan(heights: np.ndarray, rng: np.random.Generator, smallest: float, share: float, enlarge_back: float,
                 enlarge_below: float, data: DataSection) -> tuple[np.ndarray, np.ndarray]:
     """Per ink crop of the given heights, the factor it is shrunk by and whether it is then
-    enlarged back: a random half is shrunk by a random factor in [smallest, 1], and a share
+    enlarged back: a random share is shrunk by a random factor in [smallest, 1], and a share
     (enlarge_back) of those shrunk below enlarge_below is enlarged back. One seen small is shrunk
     no lower than preprocessing leaves images (data.min_ink_height); one enlarged back may go
     lower, as a short formula's screenshot at half size does before reading enlarges it."""
     count = len(heights)
-    factors = np.where(rng.random(count) < 0.5, rng.uniform(smallest, 1.0, count), 1.0)
+    factors = np.where(rng.random(count) < share, rng.uniform(smallest, 1.0, count), 1.0)
     enlarged = (factors < enlarge_below) & (rng.random(count) < enlarge_back)
     floor = np.minimum(1.0, data.min_ink_height / np.asarray(heights, np.float64))
     return np.where(enlarged, factors, np.maximum(factors, floor)), enlarged
@@ -1009,15 +1012,15 @@ class BatchStream:
 
 class TrainBatches(BatchStream):
     """Same-shape image batches of a Dataset, a shuffled epoch at a time, shrunk and augmented
-    as `training` asks. Each epoch shrinks a random half of the images (see shrink_plan) and
+    as `training` asks. Each epoch shrinks a random share of the images (see shrink_plan) and
     batches each image in the bucket of its shrunk size, so a shrunk image costs fewer cells;
     a share (enlarge_back) of those shrunk below enlarge_below is enlarged back and batched at its
     own size."""
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int, augment: bool = False, shrink_to: float = 1.0,
-                 enlarge_back: float = 0.0, enlarge_below: float = 1.0):
+                 shrink_share: float = 0.5, enlarge_back: float = 0.0, enlarge_below: float = 1.0):
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
-        self.augment, self.shrink_to = augment, shrink_to
+        self.augment, self.shrink_to, self.shrink_share = augment, shrink_to, shrink_share
         self.enlarge_back, self.enlarge_below = enlarge_back, enlarge_below
         self._heights = np.array([ink.shape[0] for ink in dataset.inks])
         self._epoch_lengths: list[int] = []
@@ -1031,7 +1034,8 @@ class TrainBatches(BatchStream):
             factors, enlarged, keys = np.ones(len(dataset)), np.zeros(len(dataset), bool), dataset.keys
             if self.shrink_to < 1:
                 factors, enlarged = shrink_plan(self._heights, np.random.default_rng([self.seed, 3, epoch]),
-                                                self.shrink_to, self.enlarge_back, self.enlarge_below, dataset.data)
+                                                self.shrink_to, self.shrink_share, self.enlarge_back,
+                                                self.enlarge_below, dataset.data)
                 keys = [key if back else choose_bucket(shrunk_shape(ink.shape, factor), dataset.data) + key[2:]
                         for ink, factor, back, key in zip(dataset.inks, factors, enlarged, dataset.keys)]
             batches = dataset.epoch_batches(self.batch_size, self.seed, epoch, keys)
@@ -2900,7 +2904,7 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> dict[s
         params=params,
         make_step=make_ocr_step,
         batches=TrainBatches(train_set, training.batch_size, training.seed, training.augment, training.shrink_to,
-                             training.enlarge_back, training.enlarge_below),
+                             training.shrink_share, training.enlarge_back, training.enlarge_below),
         validate=validate if val_set is not None else None,
         primary_metric=config.evaluation.primary_metric,
         maximize=METRIC_DIRECTIONS[config.evaluation.primary_metric] == "max",

@@ -62,6 +62,7 @@ def test_set_overrides_are_typed():
     ("evaluation.size_factors=[-0.5]", "evaluation.size_factors must lie in (0, 8]"),
     ("model.dropout=1", "model.dropout must be in [0, 1)"),
     ("training.enlarge_below=0", "training.enlarge_below must be in (0, 1]"),
+    ("training.shrink_share=0", "training.shrink_share must be in (0, 1]"),
     ("rl.baseline=greedy", "rl.baseline must be 'mean' or 'self_critical'"),
 ])
 def test_bad_config_values_are_named(option, message):
@@ -315,16 +316,18 @@ def test_augmentation_keeps_ink_and_is_deterministic():
     assert 0.4 < (a > 64).sum() / (ink > 64).sum() < 2.5
 
 
-def test_shrink_plan_shrinks_a_random_half_and_only_images_seen_small_stop_at_the_ink_height_floor():
+def test_shrink_plan_shrinks_a_random_share_and_only_images_seen_small_stop_at_the_ink_height_floor():
     data = L.DataSection()
-    factors, enlarged = L.shrink_plan(np.full(400, 40), np.random.default_rng(0), 0.5, 0.0, 1.0, data)
+    factors, enlarged = L.shrink_plan(np.full(400, 40), np.random.default_rng(0), 0.5, 0.5, 0.0, 1.0, data)
     shrunk = factors[factors < 1]
     assert 150 <= len(shrunk) <= 250 and shrunk.min() >= 0.5 and factors.max() == 1 and not enlarged.any()
     assert np.quantile(shrunk, 0.25) < 0.65 and np.quantile(shrunk, 0.75) > 0.85  # spread over [0.5, 1)
-    again = L.shrink_plan(np.full(400, 40), np.random.default_rng(0), 0.5, 0.0, 1.0, data)
+    again = L.shrink_plan(np.full(400, 40), np.random.default_rng(0), 0.5, 0.5, 0.0, 1.0, data)
     np.testing.assert_array_equal(factors, again[0])
+    most = L.shrink_plan(np.full(400, 40), np.random.default_rng(0), 0.5, 0.9, 0.0, 1.0, data)[0]
+    assert 330 <= (most < 1).sum() <= 390
     # 14 px crops: seen small they stop at 12 px (preprocessing's floor); enlarged back they need not.
-    factors, enlarged = L.shrink_plan(np.full(400, 14), np.random.default_rng(0), 0.3, 0.5, 1.0, data)
+    factors, enlarged = L.shrink_plan(np.full(400, 14), np.random.default_rng(0), 0.3, 0.5, 0.5, 1.0, data)
     assert factors[~enlarged].min() == pytest.approx(12 / 14) and factors[enlarged].min() < 0.4
     assert 0.25 < enlarged[factors < 1].mean() < 0.75 and not enlarged[factors == 1].any()
 
@@ -347,6 +350,7 @@ def test_training_batches_hold_shrunk_images_in_the_buckets_of_their_shrunk_size
     stream = L.TrainBatches(dataset, 8, 0, shrink_to=0.5)
     batches, factors, enlarged, keys = stream.epoch_plan(0)
     assert 0.3 < np.mean(factors < 1) < 0.7 and not enlarged.any()
+    assert np.mean(L.TrainBatches(dataset, 8, 0, shrink_to=0.5, shrink_share=0.9).epoch_plan(0)[1] < 1) > 0.75
     for entry, (ink, factor) in enumerate(zip(dataset.inks, factors)):
         assert keys[entry] == L.choose_bucket(L.shrunk_shape(ink.shape, factor), data) + dataset.keys[entry][2:]
         assert keys[entry][0] <= dataset.keys[entry][0] and keys[entry][1] <= dataset.keys[entry][1]
