@@ -2655,6 +2655,53 @@ class LoadedPrograms:
         self.regrowing = False
 
 
+def make_room(programs: LoadedPrograms, train_step, args: tuple, shape: tuple, step: int, log: RunLog,
+              run_dir: Path) -> tuple[ProcessMemory, int] | None:
+    """Before a batch shape's first training step: drop every loaded program if that makes the
+    room it lacks, or stop with a clear error if its working memory cannot fit. Returns the
+    process's memory before that first step and the step's working memory (None where /proc does
+    not tell), for LoadedPrograms.compiled."""
+    before = process_memory()
+    if before is None:
+        return None
+    working = working_memory(train_step, *args)
+    if programs.must_clear(before, working):
+        # Programs of the shapes in use load again from the compilation cache, in seconds.
+        jax.clear_caches()
+        return_freed_memory()
+        cleared = process_memory() or before
+        log.write("programs_cleared", console=False, step=step, **programs.cleared(before, cleared))
+        before = cleared
+    if working > before.available:
+        sizes = " and ".join("x".join(map(str, leaf)) for leaf in shape)
+        raise UserError(f"a training batch of {sizes} needs {working / 2**30:.1f} GB of working memory and "
+                        f"{before.available / 2**30:.1f} GB are available; lower training.batch_size or leave "
+                        "the largest data.bucket_heights, bucket_widths or sequence_buckets out (--resume "
+                        f"then continues from the last checkpoint in {run_dir})")
+    return before, working
+
+
+@jax.jit
+def copy_tree(tree: Any) -> Any:
+    """A copy in fresh buffers: the training step donates the parameters' buffers."""
+    return jax.tree.map(jnp.copy, tree)
+
+
+def restore_run(run_dir: Path, step: int, params: Any, opt_state: Any, averaged: bool,
+                sharding: jax.sharding.Sharding) -> tuple[Any, Any, Any]:
+    """The parameters, optimizer state and (with averaged) moving average of the weights saved at
+    step, shaped and placed like params and opt_state. A run saved without an average (ema_decay
+    was 0) starts one from its weights."""
+    items = {"params": abstract(params, sharding), "opt_state": abstract(opt_state, sharding)}
+    if averaged and (run_dir / str(step) / "ema_params").is_dir():
+        items["ema_params"] = items["params"]
+    restored = restore_items(run_dir, step, items)
+    params, opt_state = restored["params"], restored["opt_state"]
+    if not averaged:
+        return params, opt_state, None
+    return params, opt_state, restored["ema_params"] if "ema_params" in restored else copy_tree(params)
+
+
 @contextlib.contextmanager
 def stop_requests() -> Iterator[threading.Event]:
     """Ctrl-C (SIGINT) or SIGTERM sets the event, so the training loop stops after its current
@@ -2701,20 +2748,12 @@ def run_training(trainee: Trainee, config: Config, run_dir: Path, resume: bool, 
     manager = checkpoint_manager(run_dir, training.keep_checkpoints)
     best_manager = checkpoint_manager(run_dir / "best", 1)
     step, best = 0, None
-    copy_tree = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))  # the step donates params' buffers
-    ema = copy_tree(params) if training.ema_decay else None
     if resume and manager.latest_step() is not None:
         step = manager.latest_step()
-        metadata = read_metadata(run_dir, step)
-        items = {"params": abstract(params, replicated), "opt_state": abstract(opt_state, replicated)}
-        # A run saved without an average (ema_decay was 0) starts one from its weights.
-        if ema is not None and (run_dir / str(step) / "ema_params").is_dir():
-            items["ema_params"] = items["params"]
-        restored = restore_items(run_dir, step, items)
-        params, opt_state = restored["params"], restored["opt_state"]
-        if ema is not None:
-            ema = restored["ema_params"] if "ema_params" in restored else copy_tree(params)
-        best = metadata.get("best_metric")
+        params, opt_state, ema = restore_run(run_dir, step, params, opt_state, training.ema_decay > 0, replicated)
+        best = read_metadata(run_dir, step).get("best_metric")
+    else:
+        ema = copy_tree(params) if training.ema_decay else None
     log.write("start", params=count_params(params), batch_size=training.batch_size,
               accum=training.grad_accum_steps, devices=jax.device_count(), processes=jax.process_count(),
               **trainee.start_info)
@@ -2780,24 +2819,14 @@ def run_training(trainee: Trainee, config: Config, run_dir: Path, resume: bool, 
                 batch = to_global(local_batch, rows)
                 key = to_global(jax.random.fold_in(base_key, step), replicated)
                 lr = np.float32(learning_rate(training, step // training.grad_accum_steps))
-                before = process_memory() if shape not in programs.shapes else None
-                working = working_memory(train_step, params, opt_state, batch, key, lr) if before else 0
-                if before and programs.must_clear(before, working):
-                    # Programs of the shapes in use load again from the compilation cache, in seconds.
-                    jax.clear_caches()
-                    return_freed_memory()
-                    cleared = process_memory() or before
-                    log.write("programs_cleared", console=False, step=step, **programs.cleared(before, cleared))
-                    before = cleared
-                if before and working > before.available:
-                    sizes = " and ".join("x".join(map(str, leaf)) for leaf in shape)
-                    raise UserError(f"a training batch of {sizes} needs {working / 2**30:.1f} GB of working memory and "
-                                    f"{before.available / 2**30:.1f} GB are available; lower training.batch_size or leave "
-                                    "the largest data.bucket_heights, bucket_widths or sequence_buckets out (--resume "
-                                    f"then continues from the last checkpoint in {run_dir})")
+                first_run = None
+                if shape not in programs.shapes:
+                    first_run = make_room(programs, train_step, (params, opt_state, batch, key, lr), shape, step,
+                                          log, run_dir)
                 params, opt_state, metrics = train_step(params, opt_state, batch, key, lr)
-                if before:
+                if first_run:
                     jax.block_until_ready(metrics)  # a program keeps much of what its first run allocates
+                    before, working = first_run
                     programs.compiled(shape, before, process_memory() or before, working)
                 step += 1
                 if ema is not None and step % training.grad_accum_steps == 0:
