@@ -36,5 +36,6 @@ def main(scaled_path: str, full_path: str, image_base_dir: str) -> None:
         bleu_full = latexocr.bleu4(references, [full[name][1] for name in group])
         print(f"{label:<16}{len(group):7d}{bleu_scaled:13.2f}{bleu_full:11.2f}{bleu_full - bleu_scaled:7.2f}")
 
+
 if __name__ == "__main__":
     main(*sys.argv[1:])
