@@ -174,6 +174,9 @@ class EvaluationSection:
     # at those other sizes: a confident first answer is seldom beaten (how it was chosen: docs/
     # RESULTS.md, Image size). 0 reads every size always.
     confident_score: float = -0.7
+    # Answers at several sizes are compared by score + size_prior x log2(factor): the model's scores
+    # favour shrunk readings a little too much (docs/RESULTS.md, Image size). 0 compares scores alone.
+    size_prior: float = 0.2
     output_dir: str = "evaluation_results"
 
     @property
@@ -184,7 +187,7 @@ class EvaluationSection:
     def describe_decoding(self) -> str:
         method = "greedy" if self.decode_width == 1 else f"beam {self.beam_width}, length penalty {self.length_penalty:g}"
         sizes = (f", size factors {' '.join(f'{f:g}' for f in self.size_factors)} below score {self.confident_score:g}"
-                 if self.size_factors else "")
+                 f" with size prior {self.size_prior:g}" if self.size_factors else "")
         return method + sizes
 
 
@@ -375,6 +378,7 @@ def validate_config(config: Config) -> Config:
         (evaluation.length_penalty >= 0, "evaluation.length_penalty must be >= 0"),
         (all(0 < f <= MAX_IMAGE_SCALE and f != 1 for f in evaluation.size_factors),
          f"evaluation.size_factors must lie in (0, {MAX_IMAGE_SCALE:g}], none of them 1"),
+        (evaluation.size_prior >= 0, "evaluation.size_prior must be >= 0 (0: compare scores alone)"),
         (extractor.size in MODEL_SIZES, f"feature_extractor.size must be one of {', '.join(MODEL_SIZES)}"),
         (0.0 <= extractor.dropout < 1.0, "feature_extractor.dropout must be in [0, 1)"),
         (bool(extractor.train_formulas), "feature_extractor.train_formulas must name at least one file"),
@@ -705,30 +709,37 @@ SHRINK_FROM_GLYPH = 9.0
 ENLARGE_UP_TO_GLYPH = 6.0
 
 
-def size_variants(ink: np.ndarray, data: DataSection, factors: Sequence[float]) -> list[np.ndarray]:
+class SizedImage(NamedTuple):
+    """An image to read (an ink crop or a canvas) and the factor its crop was resized by (1: as
+    preprocessing leaves it)."""
+    factor: float
+    image: np.ndarray
+
+
+def size_variants(ink: np.ndarray, data: DataSection, factors: Sequence[float]) -> list[SizedImage]:
     """The crop as preprocessing scales it, then the crop resized by each factor its glyph height
     calls for (only brought within the ink height range and the widest bucket). Answers change
     with image size, and a wrong size tends to give a less confident answer, so whoever reads
-    these keeps the answer with the best score."""
+    these keeps the answer with the best score (see Predictor.read_best)."""
     measured = glyph_height(ink) if data.glyph_height or factors else None
-    variants = [scale_into_range(ink, data, measured)]
+    variants = [SizedImage(1.0, scale_into_range(ink, data, measured))]
     if not factors or measured is None:
         return variants
     height, width = ink.shape
     for factor in factors:
         if (factor < 1 and measured >= SHRINK_FROM_GLYPH) or (factor > 1 and measured <= ENLARGE_UP_TO_GLYPH):
             resized = resize_ink(ink, max(1, round(height * factor)), max(1, round(width * factor)))
-            variants.append(scale_into_range(resized, data, None))
+            variants.append(SizedImage(factor, scale_into_range(resized, data, None)))
     return variants
 
 
 def preprocess_image(image: Image.Image, data: DataSection, name: str = "image",
-                     size_factors: Sequence[float] = ()) -> list[np.ndarray]:
+                     size_factors: Sequence[float] = ()) -> list[SizedImage]:
     """The preprocessing of predict and serve (eval and train hold the same inks in a Dataset):
     canvases [bucket_h, bucket_w] float32, the first as preprocessing leaves the image, then the
     other sizes its glyphs call for."""
-    return [place_in_bucket(ink, choose_bucket(ink.shape, data), data.margin)
-            for ink in size_variants(ink_crop(image, name), data, size_factors)]
+    return [SizedImage(factor, place_in_bucket(ink, choose_bucket(ink.shape, data), data.margin))
+            for factor, ink in size_variants(ink_crop(image, name), data, size_factors)]
 
 
 def augment_ink(ink: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -896,8 +907,8 @@ def token_array(ids_list: Sequence[np.ndarray], length: int) -> np.ndarray:
 class Dataset:
     """Examples with their ink crops held in memory (decoded once), grouped into fixed shapes.
     With size_factors, an example is held once per size it may be read at (see size_variants):
-    owners[i] says which of the distinct examples entry i is, and variants[i] which of its size
-    variants (0: as preprocessing leaves it)."""
+    owners[i] says which of the distinct examples entry i is, variants[i] which of its size
+    variants (0: as preprocessing leaves it) and factors[i] that variant's factor."""
 
     def __init__(self, examples: list[Example], data: DataSection, report: SplitReport | None = None,
                  workers: int = 2, image_scale: float = 1.0, size_factors: Sequence[float] = ()):
@@ -915,17 +926,18 @@ class Dataset:
             report.skipped["image unreadable or blank"] += [example.name for example, _ in failed]
             report.loaded -= len(failed)
         kept = [(example, inks) for example, inks in zip(examples, loaded) if not isinstance(inks, UserError)]
-        entries = [(owner, variant, example, ink) for owner, (example, inks) in enumerate(kept)
-                   for variant, ink in enumerate(inks)]
+        entries = [(owner, variant, example, sized) for owner, (example, inks) in enumerate(kept)
+                   for variant, sized in enumerate(inks)]
         self.distinct = len(kept)
         self.owners = [owner for owner, _, _, _ in entries]
         self.variants = [variant for _, variant, _, _ in entries]
+        self.factors = [sized.factor for _, _, _, sized in entries]
         self.examples = [example for _, _, example, _ in entries]
-        self.inks = [ink for _, _, _, ink in entries]
+        self.inks = [sized.image for _, _, _, sized in entries]
         self.keys = [choose_bucket(ink.shape, data) + (sequence_bucket(len(ex.ids) + 2, data),)
-                     for _, _, ex, ink in entries]
+                     for ex, ink in zip(self.examples, self.inks)]
 
-    def _load_inks(self, example: Example) -> list[np.ndarray] | UserError:
+    def _load_inks(self, example: Example) -> list[SizedImage] | UserError:
         try:
             image = rescale_image(open_image(example.image_path), self.image_scale)
             return size_variants(ink_crop(image, example.name), self.data, self.size_factors)
@@ -1750,6 +1762,7 @@ class Predictor:
                  decoding: EvaluationSection = EvaluationSection(), program_dir: Path | None = None):
         self.model, self.params, self.vocab, self.data = model, params, vocab, data
         self.size_factors, self.confident_score = tuple(decoding.size_factors), decoding.confident_score
+        self.size_prior = decoding.size_prior
         self.length_penalty = decoding.length_penalty
         self.memory_lengths = memory_lengths(model.cfg, data)
         self.program_dir = program_dir
@@ -1826,7 +1839,7 @@ class Predictor:
                     results[i] = (row, float(score))
         return results
 
-    def preprocess(self, image: Image.Image, name: str = "image") -> list[np.ndarray]:
+    def preprocess(self, image: Image.Image, name: str = "image") -> list[SizedImage]:
         """The canvases an image is read from (see preprocess_image)."""
         return preprocess_image(image, self.data, name, self.size_factors)
 
@@ -1846,12 +1859,13 @@ class Predictor:
         return self.read_images([self.preprocess(as_image(n, image), f"image {n}") for n, image in enumerate(images)],
                                 beam_width)
 
-    def read_best(self, owners: Sequence[int], sizes: Sequence[int],
+    def read_best(self, owners: Sequence[int], sizes: Sequence[int], factors: Sequence[float],
                   decode) -> tuple[list[tuple[list[str], float]], list[int]]:
         """The two rounds of reading: every entry at size 0 (as preprocessing leaves its image),
         then the other sizes of the images whose first answer scores at most confident_score.
         decode(entries) answers those entries, (tokens, score) each, in order. Returns every
-        entry's answer (unread: no tokens, score -inf) and, per image, the entry kept."""
+        entry's answer (unread: no tokens, score -inf) and, per image, the entry kept: the best
+        by score + size_prior x log2(its factor)."""
         answers: list[tuple[list[str], float]] = [([], -math.inf)] * len(owners)
 
         def read(entries: list[int]) -> list[float]:
@@ -1861,17 +1875,20 @@ class Predictor:
 
         scores = read([entry for entry, size in enumerate(sizes) if size == 0])
         scores = read(other_sizes_to_read(owners, sizes, scores, self.confident_score))
-        return answers, best_scored(owners, scores)
+        preferences = [score + self.size_prior * math.log2(factor) for score, factor in zip(scores, factors)]
+        return answers, best_scored(owners, preferences)
 
-    def read_images(self, variants: Sequence[Sequence[np.ndarray]], beam_width: int = 1,
+    def read_images(self, variants: Sequence[Sequence[SizedImage]], beam_width: int = 1,
                     batch_size: int = 16) -> list[Reading]:
-        """Read every image (its canvases, as `preprocess` makes them) and keep, per image, the
-        best-scored answer (see read_best)."""
-        canvases = [canvas for image in variants for canvas in image]
+        """Read every image (its canvases, as `preprocess` makes them, the first read first) and
+        keep, per image, the best answer (see read_best)."""
+        canvases = [sized.image for image in variants for sized in image]
+        factors = [sized.factor for image in variants for sized in image]
         owners = [owner for owner, image in enumerate(variants) for _ in image]
         sizes = [size for image in variants for size in range(len(image))]
         answers, kept = self.read_best(
-            owners, sizes, lambda entries: self.predict_images([canvases[e] for e in entries], beam_width, batch_size))
+            owners, sizes, factors,
+            lambda entries: self.predict_images([canvases[e] for e in entries], beam_width, batch_size))
         read_count = collections.Counter(owner for owner, (_, score) in zip(owners, answers) if score > -math.inf)
         return [Reading(*answers[entry], sizes[entry], read_count[image]) for image, entry in enumerate(kept)]
 
@@ -1890,7 +1907,7 @@ class Predictor:
                 answers.update(zip(indices[:count].tolist(), zip(decoded[:count], scores[:count].tolist())))
             return [answers[entry] for entry in entries]
 
-        answers, kept = self.read_best(dataset.owners, dataset.variants, decode)
+        answers, kept = self.read_best(dataset.owners, dataset.variants, dataset.factors, decode)
         return kept, [answers[i][0] for i in kept], sum(score > -math.inf for _, score in answers)
 
 

@@ -1071,7 +1071,7 @@ class OCRService:
                 self.predictor.predict_images([blank], 1, batch_size=1)
                 self.attention(blank, ["x"])
 
-    def canvases(self, body: bytes) -> list[np.ndarray]:
+    def canvases(self, body: bytes) -> list[L.SizedImage]:
         try:
             return self.predictor.preprocess(decode_image(io.BytesIO(body), "upload"), "upload")
         except UserError as error:
@@ -1089,7 +1089,7 @@ class OCRService:
         variants = self.canvases(body)
         with self.lock:
             [reading] = self.predictor.read_images([variants], beam_width, batch_size=1)
-            canvas = variants[reading.variant]
+            canvas = variants[reading.variant].image
             maps = self.attention(canvas, reading.tokens, layer)
         buffer = io.BytesIO()
         attention_picture(canvas, reading.tokens, maps).save(buffer, "PNG")
@@ -1396,7 +1396,7 @@ def bench(predictor: Predictor, checkpoint: str, images: list[Path], repeats: in
     results["preprocess_ms"] = 1000 * (time.perf_counter() - start) / len(images)
     sizes_read = []
     for canvases in each(variants, "compiling"):  # every shape used, once per decoder
-        for canvas in canvases:
+        for _, canvas in canvases:
             jax.block_until_ready(predictor.encode(canvas[None, ..., None]))
         sizes_read.append(predictor.read_images([canvases], 1, batch_size=1)[0].sizes_read)
         predictor.read_images([canvases], 5, batch_size=1)
@@ -1404,7 +1404,7 @@ def bench(predictor: Predictor, checkpoint: str, images: list[Path], repeats: in
     per_image = {"encoder": [], "greedy": [], "beam5": []}
     lengths = []
     for canvases in each(variants, "batch 1"):
-        first = canvases[0][None, ..., None]
+        first = canvases[0].image[None, ..., None]
         per_image["encoder"].append(median_seconds(
             lambda: jax.block_until_ready(predictor.encode(first)), repeats))
         per_image["greedy"].append(median_seconds(lambda: predictor.read_images([canvases], 1, batch_size=1), repeats))
@@ -1417,7 +1417,7 @@ def bench(predictor: Predictor, checkpoint: str, images: list[Path], repeats: in
     seconds = median_seconds(lambda: predictor.read_images(variants, batch_size=32), repeats)
     results["throughput_batch32_images_per_s"] = len(variants) / seconds
 
-    batch_of_one = [canvases[0][None, ..., None] for canvases in variants]
+    batch_of_one = [canvases[0].image[None, ..., None] for canvases in variants]
     long = [image for image, length in zip(batch_of_one, lengths) if length >= 100][:long_images]
     results["long_images"] = len(long)
     if long:
@@ -1609,7 +1609,7 @@ def command_attention(args, config: Config) -> int:
     variants = [predictor.preprocess(open_image(path), path) for path in args.images]
     attention = AttentionMaps(predictor)
     for path, canvases, reading in zip(args.images, variants, predictor.read_images(variants, evaluation.decode_width)):
-        canvas = canvases[reading.variant]
+        canvas = canvases[reading.variant].image
         picture = attention_picture(canvas, reading.tokens, attention(canvas, reading.tokens, args.layer))
         out = attention_path(args.out, path, len(args.images) > 1)
         try:

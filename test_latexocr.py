@@ -60,6 +60,7 @@ def test_set_overrides_are_typed():
     ("evaluation.beam_width=0", "evaluation.beam_width must be at least 1"),
     ("evaluation.size_factors=[0.5,1]", "evaluation.size_factors must lie in (0, 8], none of them 1"),
     ("evaluation.size_factors=[-0.5]", "evaluation.size_factors must lie in (0, 8]"),
+    ("evaluation.size_prior=-0.1", "evaluation.size_prior must be >= 0"),
     ("model.dropout=1", "model.dropout must be in [0, 1)"),
     ("training.enlarge_below=0", "training.enlarge_below must be in (0, 1]"),
     ("training.shrink_share=0", "training.shrink_share must be in (0, 1]"),
@@ -208,7 +209,7 @@ def test_ink_crop_finds_the_formula():
 
 def test_preprocess_keeps_aspect_and_uses_a_bucket():
     data = L.DataSection(glyph_height=0)  # a 30 px block would otherwise be read as one large glyph
-    canvas = L.preprocess_image(formula_like(box=(0, 0, 299, 29), width=400), data)[0]
+    canvas = L.preprocess_image(formula_like(box=(0, 0, 299, 29), width=400), data)[0].image
     assert canvas.shape == (64, 512)
     assert canvas.shape[0] % 16 == 0 and canvas.shape[1] % 16 == 0
     rows, cols = np.nonzero(canvas > 0.5)
@@ -217,7 +218,7 @@ def test_preprocess_keeps_aspect_and_uses_a_bucket():
 
 def test_wide_formula_is_shrunk_not_squashed():
     data = L.DataSection(glyph_height=0)
-    canvas = L.preprocess_image(formula_like(width=2000, height=100, box=(0, 0, 1519, 39)), data)[0]
+    canvas = L.preprocess_image(formula_like(width=2000, height=100, box=(0, 0, 1519, 39)), data)[0].image
     rows, cols = np.nonzero(canvas > 0.5)
     height, width = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
     assert canvas.shape[1] == max(data.bucket_widths)
@@ -275,28 +276,28 @@ def test_size_variants_follow_the_glyph_height():
         image.load()
     data, factors = L.DataSection(), (1.4, 0.7, 0.5)
     usual = L.ink_crop(L.rescale_image(image, 0.7))  # glyphs 8 px: read once, as preprocessed
-    assert [v.shape for v in L.size_variants(usual, data, factors)] == [scaled_into_range(usual, data).shape]
+    assert [v.image.shape for v in L.size_variants(usual, data, factors)] == [scaled_into_range(usual, data).shape]
     large = L.ink_crop(L.rescale_image(image, 2.0))  # glyphs 21 px: also read at 0.7 and 0.5 times
     assert L.glyph_height(large) >= L.SHRINK_FROM_GLYPH
     variants = L.size_variants(large, data, factors)
-    np.testing.assert_array_equal(variants[0], scaled_into_range(large, data))
-    assert [v.shape for v in variants[1:]] == [(25, 200), (18, 143)]
+    np.testing.assert_array_equal(variants[0].image, scaled_into_range(large, data))
+    assert [(v.factor, v.image.shape) for v in variants] == [(1.0, variants[0].image.shape), (0.7, (25, 200)), (0.5, (18, 143))]
     small = L.ink_crop(L.rescale_image(image, 0.5))  # glyphs 6 px: also read 1.4 times as large
     assert L.glyph_height(small) <= L.ENLARGE_UP_TO_GLYPH
-    assert [v.shape for v in L.size_variants(small, data, factors)][1:] == [(13, 99)]
+    assert [(v.factor, v.image.shape) for v in L.size_variants(small, data, factors)][1:] == [(1.4, (13, 99))]
     assert len(L.size_variants(large, data, ())) == 1
     canvases = L.preprocess_image(L.rescale_image(image, 2.0), data, size_factors=factors)
-    assert [c.shape for c in canvases] == [L.choose_bucket(v.shape, data) for v in variants]
+    assert [(c.factor, c.image.shape) for c in canvases] == [(v.factor, L.choose_bucket(v.image.shape, data)) for v in variants]
 
 
 def test_transparent_and_inverted_images_match_the_plain_one():
     data = L.DataSection()
-    plain = L.preprocess_image(formula_like(), data)[0]
+    plain = L.preprocess_image(formula_like(), data)[0].image
     transparent = Image.new("RGBA", (300, 80), (0, 0, 0, 0))
     ImageDraw.Draw(transparent).rectangle((40, 20, 200, 50), fill=(0, 0, 0, 255))
     inverted = formula_like(background=0, ink=255)
-    np.testing.assert_allclose(L.preprocess_image(transparent, data)[0], plain)
-    np.testing.assert_allclose(L.preprocess_image(inverted, data)[0], plain)
+    np.testing.assert_allclose(L.preprocess_image(transparent, data)[0].image, plain)
+    np.testing.assert_allclose(L.preprocess_image(inverted, data)[0].image, plain)
 
 
 def test_blank_image_is_a_user_error():
@@ -418,7 +419,7 @@ def test_property_preprocessing_never_crashes_and_gives_a_bucket(mode, height, w
     image = Image.fromarray(pixels).convert(mode)
     data = L.DataSection()
     try:
-        canvas = L.preprocess_image(image, data)[0]
+        canvas = L.preprocess_image(image, data)[0].image
     except L.UserError as error:
         assert "no visible formula" in str(error)
         return
@@ -767,7 +768,7 @@ def test_tiny_model_overfits_eight_real_images_and_decodes_them_exactly(overfit_
     assert summary["step"] == OVERFIT_STEPS
     predictor = L.load_predictor(str(run_dir))
     examples, _ = L.load_split(eight_examples, L.DataSection(image_base_dir=str(DATA / "images")), vocab)
-    canvases = [L.preprocess_image(L.open_image(e.image_path), predictor.data)[0] for e in examples]
+    canvases = [L.preprocess_image(L.open_image(e.image_path), predictor.data)[0].image for e in examples]
     predictions = [tokens for tokens, _ in predictor.predict_images(canvases)]
     assert predictions == [e.caption for e in examples]
     assert summary["metrics"]["exact_match"] == 100.0
@@ -775,21 +776,30 @@ def test_tiny_model_overfits_eight_real_images_and_decodes_them_exactly(overfit_
     assert summary["metrics"]["image_gain"] > 0.2, summary["metrics"]
 
 
-def test_reading_at_several_sizes_keeps_the_best_scored_answer(overfit_run, eight_examples, vocab):
-    """Every size read (confident_score 0), the best-scored answer is kept whatever the order;
-    the other sizes are read only when the first answer scores at most confident_score."""
+def test_reading_at_several_sizes_keeps_the_best_answer(overfit_run, eight_examples, vocab):
+    """Every size read (confident_score 0), the answer kept is the best by score + size_prior x
+    log2(factor), whatever the order; the other sizes are read only when the first answer scores
+    at most confident_score."""
     run_dir, _ = overfit_run
     predictor = L.load_predictor(str(run_dir), L.EvaluationSection(confident_score=0.0))
     examples, _ = L.load_split(eight_examples, L.DataSection(image_base_dir=str(DATA / "images")), vocab)
     image = L.open_image(examples[0].image_path)
-    canvases = [L.preprocess_image(L.rescale_image(image, scale), predictor.data)[0] for scale in (1.0, 0.6, 1.7)]
-    answers = predictor.predict_images(canvases)
-    best = int(np.argmax([score for _, score in answers]))
-    for order in ([0, 1, 2], [2, 1, 0]):
-        [reading] = predictor.read_images([[canvases[i] for i in order]])
-        assert order[reading.variant] == best and reading.sizes_read == 3
-        assert reading.tokens == answers[best][0] and reading.score == pytest.approx(answers[best][1], abs=1e-5)
+    scales = (1.0, 0.6, 1.7)
+    canvases = [L.SizedImage(scale, L.preprocess_image(L.rescale_image(image, scale), predictor.data)[0].image)
+                for scale in scales]
+    answers = predictor.predict_images([canvas.image for canvas in canvases])
+    kept = {}
+    for prior in (0.0, 0.2, 50.0):
+        predictor.size_prior = prior
+        best = int(np.argmax([score + prior * math.log2(scale) for (_, score), scale in zip(answers, scales)]))
+        for order in ([0, 1, 2], [2, 1, 0]):
+            [reading] = predictor.read_images([[canvases[i] for i in order]])
+            assert order[reading.variant] == best and reading.sizes_read == 3
+            assert reading.tokens == answers[best][0] and reading.score == pytest.approx(answers[best][1], abs=1e-5)
+        kept[prior] = best
+    assert kept[0.0] != kept[50.0] == 2  # a strong prior keeps the largest reading over the best-scored
     assert answers[0][0] == examples[0].caption
+    predictor.size_prior = 0.0
     enlarged_first = [canvases[i] for i in (2, 1, 0)]
     predictor.confident_score = answers[2][1] + 1e-3
     assert predictor.read_images([enlarged_first])[0].sizes_read == 3
@@ -806,7 +816,7 @@ def test_traced_programs_are_stored_and_read_back(overfit_run, eight_examples, v
     run_dir, _ = overfit_run
     plain = L.load_predictor(str(run_dir))
     examples, _ = L.load_split(eight_examples, L.DataSection(image_base_dir=str(DATA / "images")), vocab)
-    canvas = L.preprocess_image(L.open_image(examples[0].image_path), plain.data)[0][None, ..., None]
+    canvas = L.preprocess_image(L.open_image(examples[0].image_path), plain.data)[0].image[None, ..., None]
 
     def answers(predictor):
         return [(tokens, scores.tolist()) for tokens, scores in (predictor.decode_batch(canvas, w) for w in (1, 2))]
@@ -854,7 +864,7 @@ def test_images_of_every_shape_share_one_decoder_and_read_as_alone(overfit_run, 
     plain = L.load_predictor(str(run_dir))
     predictor = L.Predictor(model, params, plain.vocab, plain.data, program_dir=tmp_path)
     examples, _ = L.load_split(eight_examples, L.DataSection(image_base_dir=str(DATA / "images")), vocab)
-    canvases = [L.preprocess_image(L.rescale_image(L.open_image(e.image_path), scale), predictor.data)[0]
+    canvases = [L.preprocess_image(L.rescale_image(L.open_image(e.image_path), scale), predictor.data)[0].image
                 for e in examples for scale in (1.0, 0.6, 1.7)]
     shapes = {canvas.shape for canvas in canvases}
     assert len(shapes) >= 3
@@ -878,9 +888,9 @@ def test_evaluation_over_size_variants_scores_each_image_once(overfit_run, eight
     varied = L.Dataset(examples, predictor.data, image_scale=2.0, size_factors=(0.5,))
     assert len(plain) == plain.distinct == varied.distinct == 8 and len(varied) == 16
     assert varied.owners == [i // 2 for i in range(16)]
-    assert varied.variants == [i % 2 for i in range(16)]
+    assert varied.variants == [i % 2 for i in range(16)] and varied.factors == [1.0, 0.5] * 8
     plain_metrics, _, _, plain_readings = L.evaluate_dataset(predictor, plain, 8)
-    predictor.confident_score = 0.0
+    predictor.confident_score, predictor.size_prior = 0.0, 0.0  # by score alone (the prior suits real models)
     metrics, kept, answers, readings = L.evaluate_dataset(predictor, varied, 8)
     assert [e.name for e in kept] == [e.name for e in examples] and len(answers) == 8
     assert (plain_readings, readings) == (8, 16)
@@ -1437,7 +1447,7 @@ def test_cli_beam_search_predicts_and_evaluates(overfit_run, eight_examples, tmp
     images = [DATA / "images" / e["img_path"] for e in entries[:3]]
     code, out, _ = run_main(["predict", *images, "--checkpoint", run_dir, "--beam", 3, "--json"], capsys)
     result = json.loads(out)
-    assert code == 0 and result["decoding"] == "beam 3, length penalty 0.7, size factors 2 0.7 0.5 below score -0.7"
+    assert code == 0 and result["decoding"] == "beam 3, length penalty 0.7, size factors 2 0.7 0.5 below score -0.7 with size prior 0.2"
     assert [p["latex"] for p in result["predictions"]] == [e["caption"] for e in entries[:3]]
     # Memorised, each first answer is confident (scores near 0), so no other size is read.
     assert all(L.EvaluationSection().confident_score < p["score"] <= 0 and p["sizes_read"] == 1 for p in result["predictions"])

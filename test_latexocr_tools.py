@@ -333,7 +333,7 @@ def multipart(image, **fields):
 def test_server_answers_like_predict(server, eight_images):
     url, predictor = server
     for image, caption in eight_images[:4]:
-        canvas = L.preprocess_image(L.decode_image(io.BytesIO(image), "x"), predictor.data)[0]
+        canvas = L.preprocess_image(L.decode_image(io.BytesIO(image), "x"), predictor.data)[0].image
         expected = L.detokenize(predictor.predict_images([canvas])[0][0])
         status, answer = http(f"{url}/api/predict", image)
         assert status == 200 and answer["latex"] == expected == caption
@@ -383,7 +383,7 @@ def test_server_answers_twenty_concurrent_requests(server, eight_images):
 def test_attention_picture_has_a_panel_per_token_of_maps_summing_to_one(server, eight_images):
     url, predictor = server
     image, caption = eight_images[0]
-    canvas = L.preprocess_image(L.decode_image(io.BytesIO(image), "x"), predictor.data)[0]
+    canvas = L.preprocess_image(L.decode_image(io.BytesIO(image), "x"), predictor.data)[0].image
     tokens = caption.split()
     attention = T.AttentionMaps(predictor)
     for layer in (0, -1):
