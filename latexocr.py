@@ -765,16 +765,16 @@ def augment_ink(ink: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
-def shrink_plan(heights: np.ndarray, rng: np.random.Generator, smallest: float, share: float, enlarge_back: float,
-                enlarge_below: float, data: DataSection) -> tuple[np.ndarray, np.ndarray]:
+def shrink_plan(heights: np.ndarray, rng: np.random.Generator, training: TrainingSection,
+                data: DataSection) -> tuple[np.ndarray, np.ndarray]:
     """Per ink crop of the given heights, the factor it is shrunk by and whether it is then
-    enlarged back: a random share is shrunk by a random factor in [smallest, 1], and a share
-    (enlarge_back) of those shrunk below enlarge_below is enlarged back. One seen small is shrunk
-    no lower than preprocessing leaves images (data.min_ink_height); one enlarged back may go
-    lower, as a short formula's screenshot at half size does before reading enlarges it."""
+    enlarged back: a random share (shrink_share) is shrunk by a random factor in [shrink_to, 1],
+    and a share (enlarge_back) of those shrunk below enlarge_below is enlarged back. One seen small
+    is shrunk no lower than preprocessing leaves images (data.min_ink_height); one enlarged back
+    may go lower, as a short formula's screenshot at half size does before reading enlarges it."""
     count = len(heights)
-    factors = np.where(rng.random(count) < share, rng.uniform(smallest, 1.0, count), 1.0)
-    enlarged = (factors < enlarge_below) & (rng.random(count) < enlarge_back)
+    factors = np.where(rng.random(count) < training.shrink_share, rng.uniform(training.shrink_to, 1.0, count), 1.0)
+    enlarged = (factors < training.enlarge_below) & (rng.random(count) < training.enlarge_back)
     floor = np.minimum(1.0, data.min_ink_height / np.asarray(heights, np.float64))
     return np.where(enlarged, factors, np.maximum(factors, floor)), enlarged
 
@@ -1024,16 +1024,14 @@ class BatchStream:
 
 class TrainBatches(BatchStream):
     """Same-shape image batches of a Dataset, a shuffled epoch at a time, shrunk and augmented
-    as `training` asks. Each epoch shrinks a random share of the images (see shrink_plan) and
-    batches each image in the bucket of its shrunk size, so a shrunk image costs fewer cells;
-    a share (enlarge_back) of those shrunk below enlarge_below is enlarged back and batched at its
-    own size."""
+    as `training` asks (its batch_size, seed, augment and shrink_* keys). Each epoch shrinks a
+    random share of the images (see shrink_plan) and batches each image in the bucket of its
+    shrunk size, so a shrunk image costs fewer cells; a share (enlarge_back) of those shrunk below
+    enlarge_below is enlarged back and batched at its own size."""
 
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int, augment: bool = False, shrink_to: float = 1.0,
-                 shrink_share: float = 0.5, enlarge_back: float = 0.0, enlarge_below: float = 1.0):
-        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
-        self.augment, self.shrink_to, self.shrink_share = augment, shrink_to, shrink_share
-        self.enlarge_back, self.enlarge_below = enlarge_back, enlarge_below
+    def __init__(self, dataset: Dataset, training: TrainingSection):
+        self.dataset, self.training = dataset, training
+        self.batch_size, self.seed = training.batch_size, training.seed
         self._heights = np.array([ink.shape[0] for ink in dataset.inks])
         self._epoch_lengths: list[int] = []
         self._plan: tuple[int, Any] = (-1, None)
@@ -1044,10 +1042,9 @@ class TrainBatches(BatchStream):
         if self._plan[0] != epoch:
             dataset = self.dataset
             factors, enlarged, keys = np.ones(len(dataset)), np.zeros(len(dataset), bool), dataset.keys
-            if self.shrink_to < 1:
+            if self.training.shrink_to < 1:
                 factors, enlarged = shrink_plan(self._heights, np.random.default_rng([self.seed, 3, epoch]),
-                                                self.shrink_to, self.shrink_share, self.enlarge_back,
-                                                self.enlarge_below, dataset.data)
+                                                self.training, dataset.data)
                 keys = [key if back else choose_bucket(shrunk_shape(ink.shape, factor), dataset.data) + key[2:]
                         for ink, factor, back, key in zip(dataset.inks, factors, enlarged, dataset.keys)]
             batches = dataset.epoch_batches(self.batch_size, self.seed, epoch, keys)
@@ -1071,9 +1068,9 @@ class TrainBatches(BatchStream):
         rows = self.own_rows(self.batch_size)
         indices = batches[position][rows]
         # One generator per row of the global batch, so a row looks the same however it is sharded.
-        rngs = [np.random.default_rng([self.seed, 1, k, row]) for row in rows] if self.augment else None
+        rngs = [np.random.default_rng([self.seed, 1, k, row]) for row in rows] if self.training.augment else None
         inks = [shrink_ink(self.dataset.inks[i], factors[i], enlarged[i]) for i in indices]
-        return self.dataset.batch(indices, rngs, self.augment, inks, keys[batches[position][0]])
+        return self.dataset.batch(indices, rngs, self.training.augment, inks, keys[batches[position][0]])
 
 
 def formula_bucket(formula: Sequence[str], data: DataSection) -> int:
@@ -2949,8 +2946,7 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> dict[s
     trainee = Trainee(
         params=params,
         make_step=make_ocr_step,
-        batches=TrainBatches(train_set, training.batch_size, training.seed, training.augment, training.shrink_to,
-                             training.shrink_share, training.enlarge_back, training.enlarge_below),
+        batches=TrainBatches(train_set, training),
         validate=validate if val_set is not None else None,
         primary_metric=config.evaluation.primary_metric,
         maximize=METRIC_DIRECTIONS[config.evaluation.primary_metric] == "max",

@@ -319,16 +319,17 @@ def test_augmentation_keeps_ink_and_is_deterministic():
 
 def test_shrink_plan_shrinks_a_random_share_and_only_images_seen_small_stop_at_the_ink_height_floor():
     data = L.DataSection()
-    factors, enlarged = L.shrink_plan(np.full(400, 40), np.random.default_rng(0), 0.5, 0.5, 0.0, 1.0, data)
+    factors, enlarged = L.shrink_plan(np.full(400, 40), np.random.default_rng(0), L.TrainingSection(shrink_to=0.5), data)
     shrunk = factors[factors < 1]
     assert 150 <= len(shrunk) <= 250 and shrunk.min() >= 0.5 and factors.max() == 1 and not enlarged.any()
     assert np.quantile(shrunk, 0.25) < 0.65 and np.quantile(shrunk, 0.75) > 0.85  # spread over [0.5, 1)
-    again = L.shrink_plan(np.full(400, 40), np.random.default_rng(0), 0.5, 0.5, 0.0, 1.0, data)
+    again = L.shrink_plan(np.full(400, 40), np.random.default_rng(0), L.TrainingSection(shrink_to=0.5), data)
     np.testing.assert_array_equal(factors, again[0])
-    most = L.shrink_plan(np.full(400, 40), np.random.default_rng(0), 0.5, 0.9, 0.0, 1.0, data)[0]
+    most = L.shrink_plan(np.full(400, 40), np.random.default_rng(0), L.TrainingSection(shrink_to=0.5, shrink_share=0.9), data)[0]
     assert 330 <= (most < 1).sum() <= 390
     # 14 px crops: seen small they stop at 12 px (preprocessing's floor); enlarged back they need not.
-    factors, enlarged = L.shrink_plan(np.full(400, 14), np.random.default_rng(0), 0.3, 0.5, 0.5, 1.0, data)
+    factors, enlarged = L.shrink_plan(np.full(400, 14), np.random.default_rng(0),
+                                      L.TrainingSection(shrink_to=0.3, enlarge_back=0.5), data)
     assert factors[~enlarged].min() == pytest.approx(12 / 14) and factors[enlarged].min() < 0.4
     assert 0.25 < enlarged[factors < 1].mean() < 0.75 and not enlarged[factors == 1].any()
 
@@ -345,13 +346,17 @@ def test_shrinking_an_ink_crop_scales_height_width_and_ink_area_by_the_factor():
     np.testing.assert_array_equal(blurred, L.resize_ink(L.shrink_ink(ink, 0.5), *ink.shape))
 
 
+def training_batches(dataset: L.Dataset, **shrinking) -> L.TrainBatches:
+    return L.TrainBatches(dataset, L.TrainingSection(batch_size=8, augment=False, **shrinking))
+
+
 def test_training_batches_hold_shrunk_images_in_the_buckets_of_their_shrunk_size(vocab):
     data = L.DataSection(image_base_dir=str(DATA / "images"))
     dataset = L.Dataset(L.load_split(DATA / "validate.json", data, vocab)[0], data)
-    stream = L.TrainBatches(dataset, 8, 0, shrink_to=0.5)
+    stream = training_batches(dataset, shrink_to=0.5)
     batches, factors, enlarged, keys = stream.epoch_plan(0)
     assert 0.3 < np.mean(factors < 1) < 0.7 and not enlarged.any()
-    assert np.mean(L.TrainBatches(dataset, 8, 0, shrink_to=0.5, shrink_share=0.9).epoch_plan(0)[1] < 1) > 0.75
+    assert np.mean(training_batches(dataset, shrink_to=0.5, shrink_share=0.9).epoch_plan(0)[1] < 1) > 0.75
     for entry, (ink, factor) in enumerate(zip(dataset.inks, factors)):
         assert keys[entry] == L.choose_bucket(L.shrunk_shape(ink.shape, factor), data) + dataset.keys[entry][2:]
         assert keys[entry][0] <= dataset.keys[entry][0] and keys[entry][1] <= dataset.keys[entry][1]
@@ -363,19 +368,19 @@ def test_training_batches_hold_shrunk_images_in_the_buckets_of_their_shrunk_size
         for image, entry in zip(batch["images"], rows):
             expected = L.place_in_bucket(L.shrink_ink(dataset.inks[entry], factors[entry]), keys[entry][:2], data.margin)
             np.testing.assert_array_equal(image[..., 0], expected)
-        np.testing.assert_array_equal(batch["images"], L.TrainBatches(dataset, 8, 0, shrink_to=0.5).make(k)["images"])
+        np.testing.assert_array_equal(batch["images"], training_batches(dataset, shrink_to=0.5).make(k)["images"])
     assert stream.locate(len(batches)) == (1, 0) and stream.locate(len(batches) - 1) == (0, len(batches) - 1)
-    assert L.TrainBatches(dataset, 8, 0).epoch_plan(0)[3] == dataset.keys  # no shrinking: the images' own buckets
+    assert training_batches(dataset).epoch_plan(0)[3] == dataset.keys  # no shrinking: the images' own buckets
 
 
 def test_training_batches_enlarge_back_a_share_of_the_shrunk_images_at_their_own_size(vocab):
     data = L.DataSection(image_base_dir=str(DATA / "images"))
     dataset = L.Dataset(L.load_split(DATA / "validate.json", data, vocab)[0], data)
-    stream = L.TrainBatches(dataset, 8, 0, shrink_to=0.5, enlarge_back=0.5)
+    stream = training_batches(dataset, shrink_to=0.5, enlarge_back=0.5)
     batches, factors, enlarged, keys = stream.epoch_plan(0)
     # The same images are shrunk as without enlarging, by the same factors unless enlarged back
     # (then they may go below the ink height floor); about half of them are enlarged back.
-    seen_small = L.TrainBatches(dataset, 8, 0, shrink_to=0.5).epoch_plan(0)[1]
+    seen_small = training_batches(dataset, shrink_to=0.5).epoch_plan(0)[1]
     np.testing.assert_array_equal(factors[~enlarged], seen_small[~enlarged])
     assert (factors[enlarged] <= seen_small[enlarged]).all() and (seen_small[enlarged] < 1).all()
     assert not enlarged[factors == 1].any() and 0.25 < enlarged[factors < 1].mean() < 0.75
@@ -385,10 +390,9 @@ def test_training_batches_enlarge_back_a_share_of_the_shrunk_images_at_their_own
     for image, entry in zip(stream.make(k)["images"], batches[k]):
         expected = L.shrink_ink(dataset.inks[entry], factors[entry], enlarged[entry])
         np.testing.assert_array_equal(image[..., 0], L.place_in_bucket(expected, keys[entry][:2], data.margin))
-    assert not L.TrainBatches(dataset, 8, 0, shrink_to=0.5, enlarge_back=0.0).epoch_plan(0)[2].any()
+    assert not training_batches(dataset, shrink_to=0.5, enlarge_back=0.0).epoch_plan(0)[2].any()
     # With enlarge_below, only the images shrunk below it are enlarged back, each of them at share 1.
-    _, factors, enlarged, keys = L.TrainBatches(dataset, 8, 0, shrink_to=0.5, enlarge_back=1.0,
-                                                enlarge_below=0.7).epoch_plan(0)
+    _, factors, enlarged, keys = training_batches(dataset, shrink_to=0.5, enlarge_back=1.0, enlarge_below=0.7).epoch_plan(0)
     np.testing.assert_array_equal(factors[~enlarged], seen_small[~enlarged])
     assert (factors < 0.7).any() and ((0.7 <= factors) & (factors < 1)).any()
     np.testing.assert_array_equal(enlarged, factors < 0.7)
