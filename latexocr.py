@@ -173,7 +173,7 @@ class EvaluationSection:
     # Only an image whose first answer (as preprocessing leaves it) scores at most this is read
     # at those other sizes: a confident first answer is seldom beaten (how it was chosen: docs/
     # RESULTS.md, Image size). 0 reads every size always.
-    confident_score: float = -0.7
+    confident_score: float = -0.5
     # Answers at several sizes are compared by score + size_prior x log2(factor): the model's scores
     # favour shrunk readings a little too much (docs/RESULTS.md, Image size). 0 compares scores alone.
     size_prior: float = 0.2

@@ -1451,7 +1451,7 @@ def test_cli_beam_search_predicts_and_evaluates(overfit_run, eight_examples, tmp
     images = [DATA / "images" / e["img_path"] for e in entries[:3]]
     code, out, _ = run_main(["predict", *images, "--checkpoint", run_dir, "--beam", 3, "--json"], capsys)
     result = json.loads(out)
-    assert code == 0 and result["decoding"] == "beam 3, length penalty 0.7, size factors 2 0.7 0.5 below score -0.7 with size prior 0.2"
+    assert code == 0 and result["decoding"] == "beam 3, length penalty 0.7, size factors 2 0.7 0.5 below score -0.5 with size prior 0.2"
     assert [p["latex"] for p in result["predictions"]] == [e["caption"] for e in entries[:3]]
     # Memorised, each first answer is confident (scores near 0), so no other size is read.
     assert all(L.EvaluationSection().confident_score < p["score"] <= 0 and p["sizes_read"] == 1 for p in result["predictions"])
