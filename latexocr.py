@@ -1031,7 +1031,6 @@ class TrainBatches(BatchStream):
 
     def __init__(self, dataset: Dataset, training: TrainingSection):
         self.dataset, self.training = dataset, training
-        self.batch_size, self.seed = training.batch_size, training.seed
         self._heights = np.array([ink.shape[0] for ink in dataset.inks])
         self._epoch_lengths: list[int] = []
         self._plan: tuple[int, Any] = (-1, None)
@@ -1043,11 +1042,11 @@ class TrainBatches(BatchStream):
             dataset = self.dataset
             factors, enlarged, keys = np.ones(len(dataset)), np.zeros(len(dataset), bool), dataset.keys
             if self.training.shrink_to < 1:
-                factors, enlarged = shrink_plan(self._heights, np.random.default_rng([self.seed, 3, epoch]),
+                factors, enlarged = shrink_plan(self._heights, np.random.default_rng([self.training.seed, 3, epoch]),
                                                 self.training, dataset.data)
                 keys = [key if back else choose_bucket(shrunk_shape(ink.shape, factor), dataset.data) + key[2:]
                         for ink, factor, back, key in zip(dataset.inks, factors, enlarged, dataset.keys)]
-            batches = dataset.epoch_batches(self.batch_size, self.seed, epoch, keys)
+            batches = dataset.epoch_batches(self.training.batch_size, self.training.seed, epoch, keys)
             self._plan = (epoch, (batches, factors, enlarged, keys))
         return self._plan[1]
 
@@ -1065,10 +1064,10 @@ class TrainBatches(BatchStream):
     def make(self, k: int) -> dict[str, np.ndarray]:
         epoch, position = self.locate(k)
         batches, factors, enlarged, keys = self.epoch_plan(epoch)
-        rows = self.own_rows(self.batch_size)
+        rows = self.own_rows(self.training.batch_size)
         indices = batches[position][rows]
         # One generator per row of the global batch, so a row looks the same however it is sharded.
-        rngs = [np.random.default_rng([self.seed, 1, k, row]) for row in rows] if self.training.augment else None
+        rngs = [np.random.default_rng([self.training.seed, 1, k, row]) for row in rows] if self.training.augment else None
         inks = [shrink_ink(self.dataset.inks[i], factors[i], enlarged[i]) for i in indices]
         return self.dataset.batch(indices, rngs, self.training.augment, inks, keys[batches[position][0]])
 
