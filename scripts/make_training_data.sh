@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# Builds the shipped model's training data (mix4: 160k image/caption pairs) from ../shared and
+# Builds the shipped model's training data (mix5: 236k image/caption pairs) from ../shared and
 # English Wikipedia's formulas (npm package mathoid-texvcjs), so a fresh machine can resume training.
-# Needs TeX and Ghostscript (docs/GUIDE.md, Rendering) and npm; about 9 minutes on 2 cores.
-# Usage: scripts/make_training_data.sh OUT    (then train with data.train_split=OUT/mix4/train.json)
+# Needs TeX and Ghostscript (docs/GUIDE.md, Rendering) and npm; about 16 minutes on 2 cores.
+# Usage: scripts/make_training_data.sh OUT    (then train with data.train_split=OUT/mix5/train.json)
 set -euo pipefail
 OUT=$(realpath -m "${1:?usage: scripts/make_training_data.sh OUT}")
 cd "$(dirname "$0")/.."
 SHARED=$(realpath "${SHARED:-../shared}")/data/im2latex100k
 TOOLS="python latexocr_tools.py"
 D=$OUT/im2latex W=$OUT/wiki
-mkdir -p "$D" "$W" "$OUT/mix4"
+mkdir -p "$D" "$W" "$OUT/mix5"
 EXCLUDE="--exclude $D/gg/test.json --exclude data/test.json"
 
 # IM2LATEX-100K: the real val images, and renders of every formula that has no test image.
@@ -22,23 +22,24 @@ OLD="--add $D/gg/validate.json=$SHARED/gg_processed --add data/train.json=data/i
 HOLDOUT="--holdout 300 --holdout-from $D/gg/validate.json"
 $TOOLS combine "$D/all" $OLD $EXCLUDE $HOLDOUT
 
-# Wikipedia: the first 120,000 normalized formulas in six chunks, one render setting each;
-# only those of 20+ tokens are rendered, as mix4 keeps no shorter ones.
+# Wikipedia: every normalized formula, in chunks of 20,000 with one render setting each (in turn);
+# only those of 20+ tokens are rendered, as mix5 keeps no shorter ones.
 (cd "$W" && npm pack --silent mathoid-texvcjs@0.6.0 >/dev/null && tar xzf mathoid-texvcjs-0.6.0.tgz)
 $TOOLS normalize "$W/package/test/en-wiki-formulae-good.json" "$W/formulas.txt" $EXCLUDE
-head -120000 "$W/formulas.txt" | split -d -l 20000 -a 1 - "$W/chunk_"
+split -d -l 20000 -a 2 "$W/formulas.txt" "$W/chunk_"
 SETTINGS=("120 cm" "160 cm" "200 cm" "240 cm" "300 cm" "200 times")
 WIKI=""
-for i in 0 1 2 3 4 5; do
-  read -r dpi font <<< "${SETTINGS[$i]}"
-  awk 'NF >= 20' "$W/chunk_$i" > "$W/long_$i"
+for chunk in "$W"/chunk_*; do
+  i=$((10#${chunk##*_}))
+  read -r dpi font <<< "${SETTINGS[$((i % 6))]}"
+  awk 'NF >= 20' "$chunk" > "$W/long_$i"
   $TOOLS render "$W/long_$i" "$W/r$i" --dpi "$dpi" --fonts "$font" --quiet
   WIKI="$WIKI --add $W/r$i/train.json=$W/r$i/images"
 done
 $TOOLS combine "$W/all" $OLD $WIKI $EXCLUDE $HOLDOUT
 
-# mix4: the IM2LATEX pairs twice, and every combined pair of 20+ tokens once more.
-python - "$D/all/train.json" "$W/all/train.json" "$OUT/mix4/train.json" <<'PY'
+# mix5: the IM2LATEX pairs twice, and every combined pair of 20+ tokens once more.
+python - "$D/all/train.json" "$W/all/train.json" "$OUT/mix5/train.json" <<'PY'
 import json, sys
 from pathlib import Path
 import latexocr as L
@@ -48,4 +49,4 @@ mix.update({key: entry for key, entry in pairs.items() if len(entry["caption"].s
 L.write_json_atomic(Path(sys.argv[3]), mix)  # never a half-written split file
 print(f"{sys.argv[3]}: {len(mix)} pairs")
 PY
-cp "$W/all/validate.json" "$OUT/mix4/validate.json"
+cp "$W/all/validate.json" "$OUT/mix5/validate.json"
