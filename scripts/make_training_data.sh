@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Builds the shipped model's training data (mix5: 236k image/caption pairs) from ../shared and
 # English Wikipedia's formulas (npm package mathoid-texvcjs), so a fresh machine can resume training.
-# Needs TeX and Ghostscript (docs/GUIDE.md, Rendering) and npm; about 16 minutes on 2 cores.
+# Needs TeX and Ghostscript (docs/GUIDE.md, Rendering) and npm; 16 to 37 minutes on 2 cores.
 # Usage: scripts/make_training_data.sh OUT    (then train with data.train_split=OUT/mix5/train.json)
 set -euo pipefail
 OUT=$(realpath -m "${1:?usage: scripts/make_training_data.sh OUT}")
 cd "$(dirname "$0")/.."
 SHARED=$(realpath "${SHARED:-../shared}")/data/im2latex100k
 TOOLS="python latexocr_tools.py"
-D=$OUT/im2latex W=$OUT/wiki
-mkdir -p "$D" "$W" "$OUT/mix5"
+D=$OUT/im2latex W=$OUT/wiki MIX=$OUT/mix5
+mkdir -p "$D" "$W" "$MIX"
 EXCLUDE="--exclude $D/gg/test.json --exclude data/test.json"
 
 # IM2LATEX-100K: the real val images, and renders of every formula that has no test image.
@@ -39,7 +39,7 @@ done
 $TOOLS combine "$W/all" $OLD $WIKI $EXCLUDE $HOLDOUT
 
 # mix5: the IM2LATEX pairs twice, and every combined pair of 20+ tokens once more.
-python - "$D/all/train.json" "$W/all/train.json" "$OUT/mix5/train.json" <<'PY'
+python - "$D/all/train.json" "$W/all/train.json" "$MIX/train.json" <<'PY'
 import json, sys
 from pathlib import Path
 import latexocr as L
@@ -49,4 +49,4 @@ mix.update({key: entry for key, entry in pairs.items() if len(entry["caption"].s
 L.write_json_atomic(Path(sys.argv[3]), mix)  # never a half-written split file
 print(f"{sys.argv[3]}: {len(mix)} pairs")
 PY
-cp "$W/all/validate.json" "$OUT/mix5/validate.json"
+cp "$W/all/validate.json" "$MIX/validate.json"
