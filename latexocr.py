@@ -2570,15 +2570,36 @@ def to_local(tree: Any) -> Any:
     return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
 
 
-def check_run_dir(run_dir: Path, resume: bool, cfg: LatexOCRConfig | FeatureExtractorConfig, vocab: Vocabulary) -> None:
+# The settings learning_rate reads: a resume that changed one would jump to another point of
+# another schedule (a cosine planned over 2,500 steps restarting over 5,000, say).
+PLAN_FIELDS = ("lr", "warmup_steps", "total_steps")
+
+
+def check_plan(metadata: dict, training: TrainingSection, where: Path) -> None:
+    """A resumed run keeps the learning-rate plan its latest checkpoint was saved with, unless
+    the command says --replan."""
+    saved = metadata.get("config", {}).get("training", {})
+    changed = {name: saved[name] for name in PLAN_FIELDS if name in saved and saved[name] != getattr(training, name)}
+    if changed:
+        now = ", ".join(f"training.{name} {value} -> {getattr(training, name)}" for name, value in changed.items())
+        keep = " ".join(f"--set training.{name}={value}" for name, value in changed.items())
+        raise UserError(f"{where} was saved with a learning-rate plan this config changes ({now}); add "
+                        f"`{keep}` to continue as planned, or --replan to follow the new plan from here")
+
+
+def check_run_dir(run_dir: Path, resume: bool, cfg: LatexOCRConfig | FeatureExtractorConfig, vocab: Vocabulary,
+                  training: TrainingSection, replan: bool) -> None:
     """Before any work: a run folder is never overwritten, and a resumed run must have the model
-    config and vocabulary its checkpoints were made with."""
+    config and vocabulary its checkpoints were made with, and their learning-rate plan unless replanned."""
     steps = checkpoint_steps(run_dir) if run_dir.is_dir() else []
     if steps and not resume:
         raise UserError(f"{run_dir} already holds a training run; pass --resume to continue it "
                         "or choose another checkpoint folder")
     if steps:
-        check_compatible(read_metadata(run_dir, steps[-1]), cfg, vocab, run_dir / str(steps[-1]))
+        metadata = read_metadata(run_dir, steps[-1])
+        check_compatible(metadata, cfg, vocab, run_dir / str(steps[-1]))
+        if not replan:
+            check_plan(metadata, training, run_dir / str(steps[-1]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2913,13 +2934,14 @@ def frozen_extractor(section: FeatureExtractorSection, cfg: LatexOCRConfig, voca
     return make_features(model, section.pooling), params
 
 
-def train(config: Config, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train the OCR model with cross-entropy from config; returns the final summary."""
+def train(config: Config, resume: bool = False, progress: bool = True, replan: bool = False) -> dict[str, Any]:
+    """Train the OCR model with cross-entropy from config; returns the final summary. replan: a
+    resumed run follows this config's learning-rate plan instead of refusing a change of it."""
     training, data = config.training, config.data
     vocab = load_vocabulary(data.vocab_path)
     cfg = latexocr_config(config, len(vocab))
     run_dir = Path(training.checkpoint_dir).expanduser()
-    check_run_dir(run_dir, resume, cfg, vocab)
+    check_run_dir(run_dir, resume, cfg, vocab, training, replan)
     train_examples, train_report = load_split(data.train_split, data, vocab)
     val_examples, val_report = load_split(data.validate_split, data, vocab)
     if not train_examples:
@@ -2973,14 +2995,14 @@ def validation_batches(formulas: list[list[str]], vocab: Vocabulary, data: DataS
     return batches
 
 
-def pretrain(config: Config, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+def pretrain(config: Config, resume: bool = False, progress: bool = True, replan: bool = False) -> dict[str, Any]:
     """Pretrain the feature extractor (masked-LM + bracket depth) into
-    feature_extractor.checkpoint_path; returns the final summary."""
+    feature_extractor.checkpoint_path; returns the final summary (replan: as for train)."""
     section, training, data = config.feature_extractor, config.training, config.data
     vocab = load_vocabulary(data.vocab_path)
     cfg = feature_extractor_config(config, len(vocab))
     run_dir = Path(section.checkpoint_path).expanduser()
-    check_run_dir(run_dir, resume, cfg, vocab)
+    check_run_dir(run_dir, resume, cfg, vocab, training, replan)
     notes, train_formulas = [], []
     for path in section.train_formulas:
         formulas, unknown = read_formulas(path, vocab)
@@ -3078,12 +3100,12 @@ def finish_training(summary: dict[str, Any]) -> int:
 
 def command_train(args, config: Config) -> int:
     start_distributed(args)
-    return finish_training(train(config, resume=args.resume, progress=not args.quiet))
+    return finish_training(train(config, resume=args.resume, progress=not args.quiet, replan=args.replan))
 
 
 def command_pretrain(args, config: Config) -> int:
     start_distributed(args)
-    return finish_training(pretrain(config, resume=args.resume, progress=not args.quiet))
+    return finish_training(pretrain(config, resume=args.resume, progress=not args.quiet, replan=args.replan))
 
 
 def sample_examples(examples: list[Example], count: int, seed: int) -> list[Example]:
@@ -3205,12 +3227,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = add("train", "train the OCR model with cross-entropy")
     sub.add_argument("--resume", action="store_true", help="continue the run in training.checkpoint_dir")
+    sub.add_argument("--replan", action="store_true",
+                     help="with --resume: follow this config's learning-rate plan (lr, warmup_steps, total_steps) "
+                          "where it differs from the run's, instead of stopping")
     sub.add_argument("--quiet", action="store_true", help="no progress bar")
     add_distributed(sub)
     sub.set_defaults(run=command_train)
 
     sub = add("pretrain", "pretrain the LaTeX feature extractor (masked-LM + bracket depth)")
     sub.add_argument("--resume", action="store_true", help="continue the run in feature_extractor.checkpoint_path")
+    sub.add_argument("--replan", action="store_true",
+                     help="with --resume: follow this config's learning-rate plan (lr, warmup_steps, total_steps) "
+                          "where it differs from the run's, instead of stopping")
     sub.add_argument("--quiet", action="store_true", help="no progress bar")
     add_distributed(sub)
     sub.set_defaults(run=command_pretrain)

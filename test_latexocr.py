@@ -1249,6 +1249,9 @@ def test_bf16_compute_trains_with_float32_parameters(vocab):
       "--set", "model.size=tiny", "--set", "model.dropout=0"], "another vocabulary"),
     (["train", "--resume", "--set", "training.checkpoint_dir={run}"], "another model config"),
     (["train", "--set", "training.checkpoint_dir={run}"], "already holds a training run"),
+    (["train", "--resume", "--set", "training.checkpoint_dir={run}", "--set", "model.size=tiny", "--set", "model.dropout=0",
+      "--set", "training.lr=0.003", "--set", "training.warmup_steps=10"],
+     "plan this config changes (training.total_steps 300 -> 20000); add `--set training.total_steps=300`"),
     (["train", "--set", "training.init_checkpoint={run}", "--set", "training.checkpoint_dir={bad}/r4"],
      "was made with another model config (dim: checkpoint 64 vs config 256"),
     (["train", "--set", "training.init_checkpoint={run}", "--set", "training.checkpoint_dir={bad}/r5",
@@ -1262,7 +1265,7 @@ def test_checkpoint_and_run_folder_errors_give_one_clear_line(argv, message, one
 def test_nan_loss_stops_training_and_keeps_the_last_checkpoint(bad_split_run, capsys):
     run_dir, split = bad_split_run
     overrides = tiny_overrides(run_dir, split, total_steps=6, warmup_steps=1, eval_every=2, log_every=1, lr=1e38)
-    code, _, err = run_main(["train", "--resume", "--quiet", *cli_overrides(overrides)], capsys)
+    code, _, err = run_main(["train", "--resume", "--replan", "--quiet", *cli_overrides(overrides)], capsys)
     assert code == 2 and "training diverged by step" in err and "Traceback" not in err
     assert L.checkpoint_steps(run_dir) == [2]
     params = final_params(run_dir, 2)
@@ -1314,10 +1317,10 @@ def test_damaged_or_tampered_checkpoints_are_refused_in_one_line(overfit_run, tm
     assert "has no readable params" in damaged(lambda w: (w / "params" / "_METADATA").unlink())
 
 
-def training_command(run_dir, split, cache, total_steps, resume):
+def training_command(run_dir, split, cache, total_steps, *flags):
     overrides = tiny_overrides(run_dir, split, total_steps=total_steps, warmup_steps=2, eval_every=4, log_every=1,
                                val_samples=2, keep_checkpoints=2)
-    return run_cli(["train", "--quiet", *(["--resume"] if resume else []), *cli_overrides(overrides)],
+    return run_cli(["train", "--quiet", *flags, *cli_overrides(overrides)],
                    {"LATEXOCR_CACHE_DIR": str(cache), "JAX_DISABLE_MOST_OPTIMIZATIONS": "true"})
 
 
@@ -1352,7 +1355,7 @@ def test_training_survives_sigint_and_sigkill_at_any_point(tmp_path, eight_examp
     import signal
 
     run_dir, cache = tmp_path / "run", tmp_path / "cache"
-    process = training_command(run_dir, eight_examples, cache, 100_000, resume=False)
+    process = training_command(run_dir, eight_examples, cache, 100_000)
     wait_for(lambda: any(r["step"] >= 5 for r in logged_since_start(run_dir, "train")), process, every=0.05)
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=120)
@@ -1365,7 +1368,7 @@ def test_training_survives_sigint_and_sigkill_at_any_point(tmp_path, eight_examp
     for trial in range(int(os.environ.get("LATEXOCR_KILL_TRIALS", "2"))):
         before = L.checkpoint_steps(run_dir)[-1]
         starts = (run_dir / "train.log").read_text().count('"event": "start"')
-        process = training_command(run_dir, eight_examples, cache, 100_000, resume=True)
+        process = training_command(run_dir, eight_examples, cache, 100_000, "--resume")
         wait_for(lambda: (run_dir / "train.log").read_text().count('"event": "start"') > starts
                  and logged_since_start(run_dir, "train"), process, every=0.01)
         assert logged_since_start(run_dir, "resume")[-1]["step"] == before
@@ -1386,11 +1389,17 @@ def test_training_survives_sigint_and_sigkill_at_any_point(tmp_path, eight_examp
         assert after >= complete
         final_params(run_dir, after)  # the latest complete checkpoint restores
 
+    # A resume that would change the run's learning-rate plan is refused, unless --replan says so.
     latest = L.checkpoint_steps(run_dir)[-1]
-    process = training_command(run_dir, eight_examples, cache, latest + 4, resume=True)
+    process = training_command(run_dir, eight_examples, cache, latest + 4, "--resume")
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 2 and "add `--set training.total_steps=100000` to continue as planned" in err
+    process = training_command(run_dir, eight_examples, cache, latest + 4, "--resume", "--replan")
     out, err = process.communicate(timeout=300)
     assert process.returncode == 0, err
     assert json.loads(out.splitlines()[-1])["step"] == latest + 4
+    replanned = L.TrainingSection(lr=3e-3, warmup_steps=2, total_steps=latest + 4)
+    assert logged_since_start(run_dir, "train")[-1]["lr"] == pytest.approx(L.learning_rate(replanned, latest + 4))
     assert logged_since_start(run_dir, "resume")[-1]["step"] == latest
     assert L.checkpoint_steps(run_dir)[-1] == latest + 4
     assert not saving(run_dir)  # what a killed save left is removed when the run resumes
