@@ -3225,22 +3225,20 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--num-processes", type=int, metavar="N", help="multi-process run: how many processes")
         sub.add_argument("--process-id", type=int, metavar="I", help="multi-process run: this process, 0..N-1")
 
+    def add_training(sub, run_folder: str) -> None:
+        sub.add_argument("--resume", action="store_true", help=f"continue the run in {run_folder}")
+        sub.add_argument("--replan", action="store_true",
+                         help="with --resume: follow this config's learning-rate plan (lr, warmup_steps, total_steps) "
+                              "where it differs from the run's, instead of stopping")
+        sub.add_argument("--quiet", action="store_true", help="no progress bar")
+        add_distributed(sub)
+
     sub = add("train", "train the OCR model with cross-entropy")
-    sub.add_argument("--resume", action="store_true", help="continue the run in training.checkpoint_dir")
-    sub.add_argument("--replan", action="store_true",
-                     help="with --resume: follow this config's learning-rate plan (lr, warmup_steps, total_steps) "
-                          "where it differs from the run's, instead of stopping")
-    sub.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_distributed(sub)
+    add_training(sub, "training.checkpoint_dir")
     sub.set_defaults(run=command_train)
 
     sub = add("pretrain", "pretrain the LaTeX feature extractor (masked-LM + bracket depth)")
-    sub.add_argument("--resume", action="store_true", help="continue the run in feature_extractor.checkpoint_path")
-    sub.add_argument("--replan", action="store_true",
-                     help="with --resume: follow this config's learning-rate plan (lr, warmup_steps, total_steps) "
-                          "where it differs from the run's, instead of stopping")
-    sub.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_distributed(sub)
+    add_training(sub, "feature_extractor.checkpoint_path")
     sub.set_defaults(run=command_pretrain)
 
     sub = add("eval", "evaluate a checkpoint on a split: BLEU-4, edit distance, exact match, token accuracy")
