@@ -108,6 +108,9 @@ class ModelSection:
     # size: a 16 px wide cell would hold two or three of them.
     cell_height: int = 16
     cell_width: int = 8
+    # 3x3 convolutions in the stem; those past the cell size keep stride 1, so a finer grid can
+    # start from the weights of a coarser one with the same number.
+    stem_convolutions: int = 4
     max_seq_len: int = 256
     dropout: float = 0.1
 
@@ -249,6 +252,7 @@ class LatexOCRConfig:
     mlp_dim: int
     cell_height: int
     cell_width: int
+    stem_convolutions: int
     max_seq_len: int
     dropout: float = 0.0
     dtype: str = "float32"
@@ -337,6 +341,8 @@ def validate_config(config: Config) -> Config:
         (is_power_of_two(model.cell_height) and is_power_of_two(model.cell_width)
          and model.cell_width <= model.cell_height,
          "model.cell_height and model.cell_width must be powers of two (2, 4, 8, ...), cell_width <= cell_height"),
+        (1 << model.stem_convolutions >= model.cell_height,
+         "model.stem_convolutions must be at least log2(model.cell_height) (4 for 16 px high cells)"),
         (data.margin >= 0, "data.margin must be >= 0"),
         (data.glyph_height >= 0, "data.glyph_height must be >= 0 (0 turns glyph-size normalization off)"),
         (min(data.bucket_heights + data.bucket_widths) > 0,
@@ -436,7 +442,7 @@ def latexocr_config(config: Config, vocab_size: int) -> LatexOCRConfig:
     section = config.model
     return LatexOCRConfig(
         vocab_size=vocab_size, cell_height=section.cell_height, cell_width=section.cell_width,
-        max_seq_len=section.max_seq_len,
+        stem_convolutions=section.stem_convolutions, max_seq_len=section.max_seq_len,
         dropout=section.dropout, dtype="bfloat16" if config.training.bf16 else "float32",
         **MODEL_SIZES[section.size])
 
@@ -1231,20 +1237,22 @@ def grid_positions(rows: int, cols: int, dim: int) -> jax.Array:
 
 
 class ConvStem(nn.Module):
-    """One vector per cell from 3x3 convolutions of stride 2 (stride 1 across once the cell width
-    is reached), channels doubling up to dim, each group-normalised: glyphs are a few pixels
-    wide, and early convolutions make transformers on images train more steadily (Xiao et al.
-    2021, "Early convolutions help transformers see better")."""
+    """One vector per cell from 3x3 convolutions of stride 2 along each axis until the cell's size
+    is reached there (stride 1 after), channels doubling up to dim, each group-normalised: glyphs
+    are a few pixels wide, and early convolutions make transformers on images train more steadily
+    (Xiao et al. 2021, "Early convolutions help transformers see better")."""
 
     cfg: LatexOCRConfig
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
         cfg = self.cfg
-        stages, across = cfg.cell_height.bit_length() - 1, cfg.cell_width.bit_length() - 1
+        layers = cfg.stem_convolutions
+        down, across = cfg.cell_height.bit_length() - 1, cfg.cell_width.bit_length() - 1
         x = images.astype(cfg.dtype)
-        for i in range(stages):
-            x = nn.Conv(max(cfg.dim >> (stages - 1 - i), 16), (3, 3), strides=(2, 2 if i < across else 1),
+        for i in range(layers):
+            strides = (2 if i < down else 1, 2 if i < across else 1)
+            x = nn.Conv(max(cfg.dim >> (layers - 1 - i), 16), (3, 3), strides=strides,
                         padding="SAME", kernel_init=nn.initializers.he_normal(), dtype=cfg.dtype, name=f"conv_{i}")(x)
             x = nn.gelu(nn.GroupNorm(num_groups=8, dtype=cfg.dtype, name=f"norm_{i}")(x))
         return nn.Dense(cfg.dim, dtype=cfg.dtype, name="project")(x)
@@ -2332,6 +2340,9 @@ def network_config_from_metadata(metadata: dict, where: Path, kind: type = Latex
     saved = metadata.get("model")
     if not isinstance(saved, dict):
         raise UserError(f"checkpoint {where} has a malformed model config: no 'model' mapping in its metadata")
+    if "stem_convolutions" not in saved and isinstance(saved.get("cell_height"), int):
+        # Saved before model.stem_convolutions existed: one convolution per halving of the cell height.
+        saved = {**saved, "stem_convolutions": saved["cell_height"].bit_length() - 1}
     fields = {field.name for field in dataclasses.fields(kind)}
     if set(saved) - fields:
         # An earlier encoder design (a patch embedding, model.patch_size) left keys this one lacks.
@@ -2470,11 +2481,12 @@ def load_predictor(path: str, decoding: EvaluationSection = EvaluationSection(),
     return Predictor(model, params, Vocabulary(metadata["vocab"]), data_section(metadata["data"]), decoding, program_dir)
 
 
-def check_compatible(metadata: dict, cfg: LatexOCRConfig | FeatureExtractorConfig, vocab: Vocabulary, where: Path) -> None:
+def check_compatible(metadata: dict, cfg: LatexOCRConfig | FeatureExtractorConfig, vocab: Vocabulary, where: Path,
+                     may_differ: Sequence[str] = ()) -> None:
     saved = network_config_from_metadata(metadata, where, type(cfg))
     differences = [f"{f}: checkpoint {getattr(saved, f)} vs config {getattr(cfg, f)}"
                    for f in (f.name for f in dataclasses.fields(cfg))
-                   if f != "dtype" and getattr(saved, f) != getattr(cfg, f)]
+                   if f not in ("dtype", *may_differ) and getattr(saved, f) != getattr(cfg, f)]
     if differences:
         raise UserError(f"checkpoint {where} was made with another model config ({'; '.join(differences)})")
     saved_tokens = list(metadata["vocab"])
@@ -2899,7 +2911,9 @@ def initial_params(model: LatexOCR, training: TrainingSection, vocab: Vocabulary
     if not training.init_checkpoint:
         return init_params(model, training.seed)
     _, params, metadata = restore_model(training.init_checkpoint, LatexOCRConfig)
-    check_compatible(metadata, model.cfg, vocab, resolve_path(training.init_checkpoint))
+    # The cell grid shapes no weight: a finer grid starts from a coarser one's stem (model.stem_convolutions).
+    check_compatible(metadata, model.cfg, vocab, resolve_path(training.init_checkpoint),
+                     may_differ=("cell_height", "cell_width"))
     return params
 
 

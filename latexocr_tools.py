@@ -952,7 +952,8 @@ def export_model(run: Path, out: Path, weights: str, buckets: dict[str, tuple[in
     metadata = L.read_metadata(run, step)
     cfg = L.network_config_from_metadata(metadata, run / str(step))
     data = {**metadata["data"], **{name: list(values) for name, values in buckets.items()}}
-    model_section = L.ModelSection(cell_height=cfg.cell_height, cell_width=cfg.cell_width, max_seq_len=cfg.max_seq_len)
+    model_section = L.ModelSection(cell_height=cfg.cell_height, cell_width=cfg.cell_width,
+                                   stem_convolutions=cfg.stem_convolutions, max_seq_len=cfg.max_seq_len)
     L.validate_config(Config(data=L.data_section(data), model=model_section))
     shapes = L.abstract(jax.eval_shape(lambda: L.init_params(LatexOCR(cfg), 0)))
     params = L.restore_items(run, step, {item: shapes})[item]

@@ -46,6 +46,7 @@ def test_set_overrides_are_typed():
     ("data.bucket_widths=[100]", "data.bucket_widths of model.cell_width"),
     ("model.cell_height=12", "model.cell_height and model.cell_width must be powers of two"),
     ("model.cell_width=32", "cell_width <= cell_height"),
+    ("model.stem_convolutions=3", "model.stem_convolutions must be at least log2(model.cell_height)"),
     ("training.ctc_weight=-1", "training.ctc_weight must be >= 0"),
     ("data.glyph_height=-1", "data.glyph_height must be >= 0"),
     ("data.bucket_heights=[]", "data.bucket_heights must not be empty"),
@@ -1218,11 +1219,13 @@ def test_train_step_adds_weighted_ctc_and_skips_it_at_weight_zero(tiny_model):
                                                         rel=1e-5)
 
 
-def test_encoder_gives_one_vector_per_cell(tiny_model):
+@pytest.mark.parametrize("cell_height", [16, 8])
+def test_encoder_gives_one_vector_per_cell_and_a_finer_grid_takes_the_same_weights(tiny_model, cell_height):
     model, params = tiny_model
+    model = L.LatexOCR(dataclasses.replace(model.cfg, cell_height=cell_height))
     images = jnp.zeros((1, 32, 128, 1))
     memory = model.apply({"params": params}, images, method=L.LatexOCR.encode)
-    assert memory.shape == (1, (32 // 16) * (128 // 8), model.cfg.dim)
+    assert memory.shape == (1, (32 // cell_height) * (128 // 8), model.cfg.dim)
     _, ctc_logits = model.apply({"params": params}, images, jnp.zeros((1, 3), jnp.int32),
                                 method=L.LatexOCR.logits_and_ctc_logits)
     assert ctc_logits.shape == (1, memory.shape[1], model.cfg.vocab_size)
@@ -1254,6 +1257,10 @@ def test_bf16_compute_trains_with_float32_parameters(vocab):
      "plan this config changes (training.total_steps 300 -> 20000); add `--set training.total_steps=300`"),
     (["train", "--set", "training.init_checkpoint={run}", "--set", "training.checkpoint_dir={bad}/r4"],
      "was made with another model config (dim: checkpoint 64 vs config 256"),
+    (["train", "--set", "training.init_checkpoint={run}", "--set", "training.checkpoint_dir={bad}/r6",
+      "--set", "model.size=tiny", "--set", "model.dropout=0", "--set", "model.cell_height=8",
+      "--set", "model.stem_convolutions=3"],
+     "was made with another model config (stem_convolutions: checkpoint 4 vs config 3)"),
     (["train", "--set", "training.init_checkpoint={run}", "--set", "training.checkpoint_dir={bad}/r5",
       "--set", "data.vocab_path={bad}/vocab.json", "--set", "model.size=tiny", "--set", "model.dropout=0"],
      "another vocabulary"),
@@ -1270,6 +1277,24 @@ def test_nan_loss_stops_training_and_keeps_the_last_checkpoint(bad_split_run, ca
     assert L.checkpoint_steps(run_dir) == [2]
     params = final_params(run_dir, 2)
     assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(params))
+
+
+def test_a_finer_grid_starts_from_a_coarser_models_weights_and_reads_its_images(overfit_run, eight_examples, tmp_path):
+    """8 px high cells from the 16 px model (same stem, last convolution at stride 1): the images it
+    memorised are read again after 10 steps (a tiny model from scratch reads none by then)."""
+    overrides = tiny_overrides(tmp_path / "fine", eight_examples, total_steps=10, warmup_steps=2, eval_every=10,
+                               init_checkpoint=str(overfit_run[0]))
+    config = L.apply_overrides(L.Config(), {**overrides, "model": {**overrides["model"], "cell_height": 8}})
+    summary = L.train(config, progress=False)
+    assert summary["metrics"]["exact_match"] >= 75, summary["metrics"]
+
+
+def test_checkpoints_saved_before_stem_convolutions_have_one_per_halving_of_the_cell_height():
+    fields = dict(vocab_size=10, dim=64, encoder_layers=1, decoder_layers=1, heads=2, mlp_dim=128, cell_width=8,
+                  max_seq_len=32)
+    for cell_height, convolutions in [(16, 4), (8, 3)]:
+        metadata = {"kind": "ocr", "model": dict(fields, cell_height=cell_height)}
+        assert L.network_config_from_metadata(metadata, Path("old")).stem_convolutions == convolutions
 
 
 def test_checkpoints_load_without_unpickling(overfit_run, monkeypatch):
