@@ -341,7 +341,7 @@ def validate_config(config: Config) -> Config:
         (is_power_of_two(model.cell_height) and is_power_of_two(model.cell_width)
          and model.cell_width <= model.cell_height,
          "model.cell_height and model.cell_width must be powers of two (2, 4, 8, ...), cell_width <= cell_height"),
-        (1 << model.stem_convolutions >= model.cell_height,
+        (model.stem_convolutions >= 0 and 1 << model.stem_convolutions >= model.cell_height,
          "model.stem_convolutions must be at least log2(model.cell_height) (4 for 16 px high cells)"),
         (data.margin >= 0, "data.margin must be >= 0"),
         (data.glyph_height >= 0, "data.glyph_height must be >= 0 (0 turns glyph-size normalization off)"),

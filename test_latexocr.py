@@ -47,6 +47,7 @@ def test_set_overrides_are_typed():
     ("model.cell_height=12", "model.cell_height and model.cell_width must be powers of two"),
     ("model.cell_width=32", "cell_width <= cell_height"),
     ("model.stem_convolutions=3", "model.stem_convolutions must be at least log2(model.cell_height)"),
+    ("model.stem_convolutions=-1", "model.stem_convolutions must be at least log2(model.cell_height)"),
     ("training.ctc_weight=-1", "training.ctc_weight must be >= 0"),
     ("data.glyph_height=-1", "data.glyph_height must be >= 0"),
     ("data.bucket_heights=[]", "data.bucket_heights must not be empty"),
